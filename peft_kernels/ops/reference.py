@@ -1,0 +1,65 @@
+"""Plain-torch ground truth for every kernel, and the CPU execution path.
+
+Every function here is written for clarity, not speed: the Triton and CUDA C
+kernels are tested against these on ragged shapes, and these are tested
+against bitsandbytes (bytes) and Hugging Face PEFT (outputs, gradients).
+All accept float64 inputs so tests can build an exact reference.
+
+Conventions: the 4-bit weight W is [N out, K in], flattened row-major into
+``numel = N*K`` elements; ``packed`` holds element 2i in the high nibble of
+byte i; ``absmax`` is float32 [ceil(numel / blocksize)]; ``code`` float32 [16].
+"""
+from __future__ import annotations
+
+import torch
+
+
+def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """int64 codes [numel] from packed uint8 (any shape with >= ceil(numel/2) bytes)."""
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
+    return codes[:numel].long()
+
+
+def decode_absmax(absmax: torch.Tensor, nested_absmax: torch.Tensor | None = None,
+                  nested_code: torch.Tensor | None = None, nested_offset: float = 0.0,
+                  nested_blocksize: int = 256) -> torch.Tensor:
+    """float32 [nblocks] block scales: ``absmax`` itself, or decoded from double quantization.
+
+    With nesting, ``absmax`` is uint8 codes: ``nested_code[q] * nested_absmax[i // 256] + offset``.
+    """
+    if nested_absmax is None:
+        return absmax.float()
+    nb = absmax.numel()
+    scale = nested_absmax.float().repeat_interleave(nested_blocksize)[:nb]
+    out = nested_code.float()[absmax.long()] * scale
+    return out + torch.tensor(nested_offset, dtype=torch.float32, device=out.device)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Flat [numel] tensor of ``dtype``: ``code[q] * absmax[i // blocksize]``.
+
+    The product is formed in float32 (as bitsandbytes does) and cast once, or in
+    float64 when ``dtype`` is float64 (used for exact references).
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    q = unpack_4bit(packed, numel)
+    scale = absmax.to(work).repeat_interleave(blocksize)[:numel]
+    return (code.to(work)[q] * scale).to(dtype)
+
+
+def linear4bit_forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                       blocksize: int, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x W^T + b``: x [M, K] -> y [M, N] in x.dtype (W dequantized to x.dtype)."""
+    k = x.shape[-1]
+    w = dequantize_4bit(packed, absmax, code, blocksize, out_features * k, x.dtype).view(out_features, k)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def linear4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                          blocksize: int, in_features: int) -> torch.Tensor:
+    """``dX = dY W``: dy [M, N] -> dx [M, K] in dy.dtype."""
+    n = dy.shape[-1]
+    w = dequantize_4bit(packed, absmax, code, blocksize, n * in_features, dy.dtype).view(n, in_features)
+    return dy @ w
