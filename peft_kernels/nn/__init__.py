@@ -1,0 +1,4 @@
+"""Drop-in torch.nn modules over dense or 4-bit bases."""
+from .linear4bit import Linear4bit
+
+__all__ = ["Linear4bit"]

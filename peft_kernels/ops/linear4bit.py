@@ -1,0 +1,122 @@
+"""torch.library ops over a 4-bit weight: dequantize, linear forward, and its input gradient.
+
+The ops take the quantized weight as plain tensors and ints (so torch.compile
+and ``torch.library.opcheck`` see a pure functional op):
+
+    packed         uint8 [(N*K + 1) // 2, 1]   two 4-bit codes per byte
+    absmax         float32 [nblocks], or uint8 [nblocks] with double quantization
+    code           float32 [16]                the code book (NF4 or FP4)
+    nested_absmax  float32 [ceil(nblocks/256)] or None
+    nested_code    float32 [256] or None
+    nested_offset  float                       mean absmax (0.0 without nesting)
+
+Autograd (``linear4bit``): backward computes ``dX = dY W`` by a kernel that
+dequantizes W on the fly, and ``db = sum(dY)`` when the bias trains. Saved for
+backward are only the tensors above (the module's own buffers: no new memory)
+and never x or a dequantized W — the weight is frozen.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backend, reference
+
+Tensor = torch.Tensor
+
+
+def _absmax_f32(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                nested_offset: float) -> Tensor:
+    return reference.decode_absmax(absmax, nested_absmax, nested_code, nested_offset)
+
+
+# ----------------------------------------------------------------- dequantize
+@torch.library.custom_op("peft_kernels::dequantize_4bit", mutates_args=())
+def dequantize_4bit_op(packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                       nested_code: Optional[Tensor], nested_offset: float, blocksize: int, numel: int,
+                       dtype: torch.dtype) -> Tensor:
+    """Flat [numel] tensor of ``dtype`` from the 4-bit weight."""
+    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+    which = backend.select(packed.device, has_cuda_impl=True)
+    if which == "triton":
+        from ..kernels.dequant4bit import dequantize_4bit
+        return dequantize_4bit(packed, absmax_f, code, blocksize, numel, dtype)
+    if which == "cuda":
+        from .cuda_lib import dequantize_4bit_cuda
+        return dequantize_4bit_cuda(packed, absmax_f, code, blocksize, numel, dtype)
+    return reference.dequantize_4bit(packed, absmax_f, code, blocksize, numel, dtype)
+
+
+@dequantize_4bit_op.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel, dtype):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+# ---------------------------------------------------------------- linear fwd
+@torch.library.custom_op("peft_kernels::linear4bit", mutates_args=())
+def linear4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                  nested_code: Optional[Tensor], nested_offset: float, blocksize: int, out_features: int,
+                  bias: Optional[Tensor]) -> Tensor:
+    """``y = x W^T + b``: x [..., K] -> y [..., N] in x.dtype."""
+    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+    x2 = x.reshape(-1, x.shape[-1])
+    if backend.select(x.device) == "triton":
+        from ..kernels.matmul4bit import matmul_4bit_nt
+        y = matmul_4bit_nt(x2.contiguous(), packed, absmax_f, code, blocksize, out_features, bias)
+    else:
+        y = reference.linear4bit_forward(x2, packed, absmax_f, code, blocksize, out_features, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@linear4bit_op.register_fake
+def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features, bias):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ------------------------------------------------------------- linear dX op
+@torch.library.custom_op("peft_kernels::linear4bit_grad_input", mutates_args=())
+def linear4bit_grad_input_op(dy: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
+                             nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+                             nested_offset: float, blocksize: int, in_features: int) -> Tensor:
+    """``dX = dY W``: dy [..., N] -> dx [..., K] in dy.dtype."""
+    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    if backend.select(dy.device) == "triton":
+        from ..kernels.matmul4bit import matmul_4bit_nn
+        dx = matmul_4bit_nn(dy2.contiguous(), packed, absmax_f, code, blocksize, in_features)
+    else:
+        dx = reference.linear4bit_grad_input(dy2, packed, absmax_f, code, blocksize, in_features)
+    return dx.reshape(*dy.shape[:-1], in_features)
+
+
+@linear4bit_grad_input_op.register_fake
+def _(dy, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, in_features):
+    return dy.new_empty((*dy.shape[:-1], in_features))
+
+
+# ------------------------------------------------------------------ autograd
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features, bias = inputs
+    # Only the quantized weight (already resident as module buffers) is saved:
+    # never x (the weight does not train) and never a dequantized W.
+    ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code)
+    ctx.nested_offset = nested_offset
+    ctx.blocksize = blocksize
+    ctx.in_features = x.shape[-1]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx, grad_out):
+    packed, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear4bit_grad_input_op(grad_out, packed, absmax, code, nested_absmax, nested_code,
+                                          ctx.nested_offset, ctx.blocksize, ctx.in_features)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[9]:
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, None, None, None, grad_bias
+
+
+linear4bit_op.register_autograd(_backward, setup_context=_setup_context)
