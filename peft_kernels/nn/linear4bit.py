@@ -179,6 +179,20 @@ class Linear4bit(nn.Module):
             layer.bias = nn.Parameter(bias.clone())
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype)/.half() must not cast the block statistics: absmax and
+        # code books stay float32 (that is the format). Device moves still apply.
+        stats = {name: getattr(self, name) for name in _STAT_KEYS}
+        probe = fn(torch.zeros((), dtype=self.weight_dtype, device=self.weight.device))
+        super()._apply(fn, recurse)
+        for name, before in stats.items():
+            after = getattr(self, name)
+            if before is not None and after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        if probe.dtype in FLOAT_DTYPES:
+            self.weight_dtype = probe.dtype
+        return self
+
     # ----------------------------------------------------------------- use
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight [out_features, in_features] (default dtype: the one it was quantized from)."""
