@@ -31,5 +31,9 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench -q --benchmark-enable --benchmark-only --benchmark-columns=min,median,mean,rounds
 
+# On a lent GPU machine (see bench/README.md): GPU tests, then the benchmark table.
+gpu-check:
+	bash bench/gpu_run.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info peft_kernels/_cuda/*.so .benchmarks

@@ -1,0 +1,76 @@
+"""Smoke test of bench/gpu_suite.py without a GPU: its --dry-run runs every section at tiny sizes on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("PEFT_KERNELS_BACKEND", None)
+    # ~10 s on 2 cores; the timeout only stops a hang.
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads((out / "gpu_suite.json").read_text()), proc.stdout, out
+
+
+def test_sections_and_metadata(dry_run):
+    res, _, _ = dry_run
+    for key in ("meta", "ceilings", "dequant", "linear_fwd_bwd", "linear_summary", "gemv_m1", "crossover", "notes",
+                "ok"):
+        assert key in res, key
+    assert res["ok"] is True
+    meta = res["meta"]
+    assert meta["dry_run"] is True and meta["ours_backend"] == "reference"
+    for key in ("date_utc", "command", "torch", "triton", "device"):
+        assert meta.get(key), key
+    assert {c["status"] for c in res["ceilings"].values()} == {"ok"}
+    assert res["ceilings"]["copy"]["gbps"] > 0 and res["ceilings"]["gemm"]["tflops"] > 0
+
+
+def test_rows_checked_and_timed(dry_run):
+    res, _, _ = dry_run
+    rows = res["dequant"] + res["linear_fwd_bwd"] + res["gemv_m1"] + res["crossover"]
+    assert not [r for r in rows if r["status"] in ("FAIL", "error")]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["ms"] > 0 and any(k.startswith("rel_err") for k in r) for r in ok)
+    # Without CUDA the Triton and CUDA C rows are skipped with a reason, never silently dropped.
+    skipped = [r for r in res["dequant"] if r["impl"] in ("triton", "cuda_c")] + res["crossover"]
+    assert skipped and all(r["status"] == "skip" and r["note"] for r in skipped)
+    assert {(r["impl"], r["level"]) for r in res["dequant"] if r["status"] == "ok"} >= {
+        ("torch_reference", "kernel"), ("ours(reference)", "full")}
+    impls = {r["impl"] for r in res["linear_fwd_bwd"] if r["status"] == "ok"}
+    assert {"ours", "dense"} <= impls
+    ms = {r["m"] for r in res["linear_fwd_bwd"]}
+    assert len(ms) == 3 and len({(r["k"], r["n"]) for r in res["linear_fwd_bwd"]}) == 2
+    assert all("ours_over_dense" in s for s in res["linear_summary"])
+    assert any(r["impl"] == "ours" and r["status"] == "ok" and r["gbps"] > 0 for r in res["gemv_m1"])
+
+
+def test_bnb_columns(dry_run):
+    res, _, _ = dry_run
+    bnb_rows = [r for r in res["linear_fwd_bwd"] if r["impl"] == "bnb"]
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        assert all(r["status"] == "skip" for r in bnb_rows)
+        assert any("bitsandbytes" in n for n in res["notes"])
+    else:
+        assert bnb_rows and all(r["status"] == "ok" for r in bnb_rows)
+        assert all("bnb_over_ours" in s for s in res["linear_summary"])
+
+
+def test_table_printed_last_and_saved(dry_run):
+    _, stdout, out = dry_run
+    table = stdout[stdout.index("## peft_kernels GPU suite"):]
+    for heading in ("Ceilings:", "### (a)", "### (b)", "### (c)"):
+        assert heading in table
+    assert (out / "gpu_suite.md").read_text().strip() == table.strip()
