@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark on a lent machine, from the repo root:
+# One-shot GPU check on a lent machine: the GPU-marked tests, then the benchmark table, from the repo root:
 #   bash bench/gpu_run.sh [extra gpu_suite.py args]
 # Carry ".whl" (bitsandbytes wheel from ../shared/device/bnb-wheel.sh) and
 # "peft_kernels/_cuda/libpeft_kernels_cuda.so" (the CUDA C library built here). Writes gpu_suite.json,
-# gpu_suite.md and gpu_suite.log under $OUT (or ./out) and prints the table last.
+# gpu_suite.md, gpu_suite.log and pytest_gpu.log under $OUT (or ./out) and prints the table last.
 set -uo pipefail
 out=${OUT:-out}
 mkdir -p "$out"
@@ -15,4 +15,5 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee "$out/gpu_suite.log"
-timeout 420 python3 bench/gpu_suite.py --out "$out/gpu_suite.json" "$@" 2>&1 | tee -a "$out/gpu_suite.log"
+timeout 180 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/pytest_gpu.log" | tail -n 15
+timeout 360 python3 bench/gpu_suite.py --out "$out/gpu_suite.json" "$@" 2>&1 | tee -a "$out/gpu_suite.log"

@@ -85,7 +85,8 @@ def _aot_variants() -> list[AotVariant]:
                "numel": "i32", "log2_bs": "i32", "BLOCK": "constexpr"}
         variants.append(AotVariant(name=f"dequant4bit-{TL_PTR[dtype][1:]}", kernel=_dequant4bit_kernel,
                                    signature=sig, constexprs={"BLOCK": DEQUANT_BLOCK},
-                                   num_warps=DEQUANT_WARPS, num_stages=DEQUANT_STAGES))
+                                   num_warps=DEQUANT_WARPS, num_stages=DEQUANT_STAGES,
+                                   meta={"dtype": TL_PTR[dtype][1:]}))
     return variants
 
 

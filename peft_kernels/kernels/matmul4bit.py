@@ -51,21 +51,20 @@ class MatmulConfig:
     num_stages: int
 
 
-# Decode (M <= 16): one row-tile of 16, W split over N; narrower N tiles when N is small so that
-# there are enough programs to cover every SM (each program reads its W rows once, all of K).
-# Long K tiles keep many bytes in flight per program; bandwidth, not the padded MMA, is the limit.
+# Decode (M <= 16): one row-tile of 16, W split over N, each program reading its rows once over all
+# of K. Long K tiles keep many bytes in flight per program (bandwidth, not the 16x-padded MMA, is
+# the limit); the N tile narrows to 16 when wider tiles would leave SMs idle. 16 < M <= 64: one
+# 64x64 tile. Few configs on purpose: each one is compiled per dtype/arch (tests/test_triton_aot.py),
+# and the table is meant to be re-derived from GPU measurements (bench/), not guessed wider.
 NT_CONFIGS = (
     MatmulConfig("nt_m16_n16", 16, 16, 256, 4, 3),
     MatmulConfig("nt_m16_n32", 16, 32, 256, 4, 3),
-    MatmulConfig("nt_m16_n64", 16, 64, 128, 4, 3),
-    MatmulConfig("nt_m32", 32, 64, 128, 4, 3),
     MatmulConfig("nt_m64", 64, 64, 64, 4, 3),
 )
-# nn: programs own a K stripe of dx and walk down N; same occupancy logic on K.
+# nn: programs own a K stripe of dx (64 wide = 32 bytes of each W row: one DRAM sector) and walk
+# down N. Small-M backward is rare (decode has none), so one config per M class.
 NN_CONFIGS = (
-    MatmulConfig("nn_m16_k64", 16, 128, 64, 4, 3),
-    MatmulConfig("nn_m16_k128", 16, 64, 128, 4, 3),
-    MatmulConfig("nn_m32", 32, 64, 128, 4, 3),
+    MatmulConfig("nn_m16", 16, 128, 64, 4, 3),
     MatmulConfig("nn_m64", 64, 64, 64, 4, 3),
 )
 _NT = {c.name: c for c in NT_CONFIGS}
@@ -74,26 +73,16 @@ _NN = {c.name: c for c in NN_CONFIGS}
 
 def pick_nt_config(m: int, n: int, device: torch.device) -> MatmulConfig:
     """Config for y[M, N] = x W^T: by M, then (decode) the widest N tile that still fills the GPU."""
-    if m > 32:
-        return _NT["nt_m64"]
     if m > 16:
-        return _NT["nt_m32"]
-    sms = num_sms(device)
-    for cfg in (_NT["nt_m16_n64"], _NT["nt_m16_n32"]):
-        if triton.cdiv(n, cfg.BLOCK_N) >= 2 * sms:
-            return cfg
+        return _NT["nt_m64"]
+    if triton.cdiv(n, 32) >= 2 * num_sms(device):
+        return _NT["nt_m16_n32"]
     return _NT["nt_m16_n16"]
 
 
 def pick_nn_config(m: int, k: int, device: torch.device) -> MatmulConfig:
-    """Config for dx[M, K] = dy W: by M, then (small M) the widest K stripe that still fills the GPU."""
-    if m > 32:
-        return _NN["nn_m64"]
-    if m > 16:
-        return _NN["nn_m32"]
-    if triton.cdiv(k, 128) >= 2 * num_sms(device):
-        return _NN["nn_m16_k128"]
-    return _NN["nn_m16_k64"]
+    """Config for dx[M, K] = dy W, by M."""
+    return _NN["nn_m64"] if m > 16 else _NN["nn_m16"]
 
 
 @triton.jit
@@ -256,6 +245,8 @@ def matmul_4bit_nt(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
     y = _check_out(out, (m, n), x)
     if m == 0 or n == 0:
         return y
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        bias = bias.float()  # keep the compiled variants to bias in {x.dtype, fp32} (see AOT_VARIANTS)
     cfg = _NT[config] if config is not None else pick_nt_config(m, n, device)
     grid = (triton.cdiv(n, cfg.BLOCK_N), triton.cdiv(m, cfg.BLOCK_M))
     _matmul4bit_nt_kernel[grid](x, packed, absmax, code, bias if bias is not None else x, y, m, n, k, log2_bs,
@@ -304,17 +295,19 @@ def _aot_variants() -> list[AotVariant]:
         mma = dtype != torch.float32  # fp32 dots are IEEE (FMA), not tensor-core
         for even_k in (True, False):
             for cfg in NT_CONFIGS:
-                for has_bias in (True, False):
+                # Without a bias the launcher passes x as a dummy bias pointer.
+                for bias_dtype in dict.fromkeys((None, dtype, torch.float32)):
                     sig = {"x_ptr": t, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
-                           "bias_ptr": t, "y_ptr": t, "M": "i32", "N": "i32", "K": "i32", "log2_bs": "i32",
-                           "HAS_BIAS": "constexpr", "EVEN_K": "constexpr",
+                           "bias_ptr": TL_PTR[bias_dtype or dtype], "y_ptr": t, "M": "i32", "N": "i32",
+                           "K": "i32", "log2_bs": "i32", "HAS_BIAS": "constexpr", "EVEN_K": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-                    cx = {"HAS_BIAS": has_bias, "EVEN_K": even_k, "BLOCK_M": cfg.BLOCK_M,
+                    cx = {"HAS_BIAS": bias_dtype is not None, "EVEN_K": even_k, "BLOCK_M": cfg.BLOCK_M,
                           "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K}
+                    bias_name = "nobias" if bias_dtype is None else f"bias{TL_PTR[bias_dtype][1:]}"
                     variants.append(AotVariant(
-                        name=f"{cfg.name}-{t[1:]}-{'even' if even_k else 'odd'}K-{'bias' if has_bias else 'nobias'}",
+                        name=f"{cfg.name}-{t[1:]}-{'even' if even_k else 'odd'}K-{bias_name}",
                         kernel=_matmul4bit_nt_kernel, signature=sig, constexprs=cx, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, expect_mma=mma, meta={"config": cfg.name}))
+                        num_stages=cfg.num_stages, expect_mma=mma, meta={"config": cfg.name, "dtype": t[1:]}))
             for cfg in NN_CONFIGS:
                 sig = {"dy_ptr": t, "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "dx_ptr": t,
                        "M": "i32", "N": "i32", "K": "i32", "log2_bs": "i32", "EVEN_K": "constexpr",
@@ -323,9 +316,9 @@ def _aot_variants() -> list[AotVariant]:
                 variants.append(AotVariant(
                     name=f"{cfg.name}-{t[1:]}-{'even' if even_k else 'odd'}K",
                     kernel=_matmul4bit_nn_kernel, signature=sig, constexprs=cx, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, expect_mma=mma, meta={"config": cfg.name}))
+                    num_stages=cfg.num_stages, expect_mma=mma, meta={"config": cfg.name, "dtype": t[1:]}))
     return variants
 
 
-#: Every compiled form the launchers can request: config x dtype x EVEN_K (x HAS_BIAS for nt).
+#: Every compiled form the launchers can request: config x dtype x EVEN_K (x bias dtype for nt).
 AOT_VARIANTS = _aot_variants()
