@@ -44,9 +44,18 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     float64 when ``dtype`` is float64 (used for exact references).
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    q = unpack_4bit(packed, numel)
-    scale = absmax.to(work).repeat_interleave(blocksize)[:numel]
-    return (code.to(work)[q] * scale).to(dtype)
+    # One gather per byte through a 256-entry table of (high, low) code pairs:
+    # the same values as unpack_4bit + code[q], without materialising int64 codes.
+    c = code.to(work)
+    pairs = torch.stack([c.repeat_interleave(16), c.repeat(16)], dim=1)  # [256, 2]
+    values = pairs[packed.reshape(-1).long()].reshape(-1)[:numel]
+    nfull = numel // blocksize
+    scale = absmax.to(work)
+    out = torch.empty(numel, dtype=work, device=values.device)
+    out[: nfull * blocksize] = (values[: nfull * blocksize].view(nfull, blocksize) * scale[:nfull, None]).view(-1)
+    if numel > nfull * blocksize:  # partial last block
+        out[nfull * blocksize:] = values[nfull * blocksize:] * scale[nfull]
+    return out.to(dtype)
 
 
 def linear4bit_forward(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
