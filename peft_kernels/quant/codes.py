@@ -40,8 +40,10 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code4(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 [16] code book of ``quant_type`` ('nf4' or 'fp4') on ``device``."""
-    return _code_cpu(quant_type).to(device)
+    """float32 [16] code book of ``quant_type`` ('nf4' or 'fp4') on ``device`` (a fresh tensor)."""
+    # A copy, never the cached tensor: each layer owns its code book buffer, so an
+    # in-place write to one layer cannot change every other layer in the process.
+    return _code_cpu(quant_type).to(device, copy=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,5 +69,5 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 [256] signed dynamic map used to quantize absmax (double quantization)."""
-    return _dynamic_map_cpu().to(device)
+    """float32 [256] signed dynamic map used to quantize absmax (double quantization); a fresh tensor."""
+    return _dynamic_map_cpu().to(device, copy=True)

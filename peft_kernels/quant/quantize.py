@@ -80,27 +80,46 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     return q, absmax
 
 
+#: Elements quantized per pass: bounds the float32 temporaries (about nine copies of
+#: a chunk) so a large layer never needs several times its own size in scratch memory.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _quantize_chunk(flat: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed uint8 [ceil(n/2)] and float32 absmax of ``flat`` (whole blocks, except a final partial one)."""
+    absmax, scaled = _block_absmax_and_scale(flat.float(), blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # odd count: pad with the code of 0.0
+    q = torch.bucketize(scaled, bounds, out_int32=True)
+    if order is not None:
+        q = order[q]
+    q = q.to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2], absmax
+
+
 def quantize_4bit(w: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
-                  double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
+                  double_quant: bool = True, chunk_elements: int = CHUNK_ELEMENTS) -> tuple[torch.Tensor, QuantState]:
     """Quantize ``w`` (any shape; fp32/fp16/bf16) to packed 4-bit.
 
     Returns ``(packed, state)``: packed is uint8 ``[(numel + 1) // 2, 1]`` on
     ``w.device``; ``state`` holds absmax (float32, or uint8 + nested stats when
     ``double_quant``), the code book, the shape and the original dtype.
+    Works through ``w`` in chunks of whole blocks (``chunk_elements``): every
+    block and byte comes out exactly as in one pass, with bounded temporaries.
     """
     check_tensor("weight", w, dtypes=FLOAT_DTYPES, nonempty=True)
     check_blocksize(blocksize)
     code = code4(quant_type, w.device)  # also validates quant_type
     bounds, order = (t.to(w.device) for t in _bounds_cpu(quant_type))
+    order = None if quant_type == "nf4" else order
 
-    absmax, scaled = _block_absmax_and_scale(w.reshape(-1).float(), blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # odd count: pad with the code of 0.0
-    q = torch.bucketize(scaled, bounds, out_int32=True)
-    if quant_type != "nf4":
-        q = order[q]
-    q = q.to(torch.uint8)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    flat = w.reshape(-1)
+    step = max(blocksize, chunk_elements // blocksize * blocksize)  # whole blocks, so an even count
+    parts = [_quantize_chunk(flat[i:i + step], blocksize, bounds, order) for i in range(0, flat.numel(), step)]
+    packed = (parts[0][0] if len(parts) == 1 else torch.cat([p for p, _ in parts])).unsqueeze(1)
+    absmax = parts[0][1] if len(parts) == 1 else torch.cat([a for _, a in parts])
+    del parts
 
     nested = None
     if double_quant:
