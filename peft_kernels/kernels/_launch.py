@@ -6,7 +6,6 @@ inside a kernel (dtype, contiguity, device), with messages that name the argumen
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,19 +60,13 @@ def log2_blocksize(blocksize: int) -> int:
     return blocksize.bit_length() - 1
 
 
-@functools.lru_cache(maxsize=None)
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 on CPU, where the interpreter runs programs in turn)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @dataclass(frozen=True)
 class AotVariant:
     """One compiled form of a kernel: what ``triton.compile(ASTSource(...))`` needs to build it ahead of time.
 
     ``expect_mma``: the kernel has a ``tl.dot`` on 16-bit operands, so its PTX must use tensor cores.
+    ``divisible_by_16``: arguments the JIT would see as multiples of 16 in the common case (aligned
+    pointers, K % 16 == 0), compiled with that hint so the AOT code is the code that usually runs.
     """
 
     name: str
@@ -83,4 +76,5 @@ class AotVariant:
     num_warps: int
     num_stages: int
     expect_mma: bool = False
+    divisible_by_16: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
