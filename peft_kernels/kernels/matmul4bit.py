@@ -140,14 +140,12 @@ def _w_decode(b, s, code_ptr, rn, k0, K,
 # the per-element code-book gathers included: >99 KB of shared memory for the decode tiles (over the
 # per-block limit of sm_86/sm_89) for data that is mostly L1-resident.
 @triton.jit
-def _matmul4bit_nt_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, M, N, K, log2_bs,
-                          HAS_BIAS: tl.constexpr, K_ALIGNED: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # N on grid axis 0 (up to 2**31 programs); M tiles are few on this path.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _nt_tile(x_ptr, packed_ptr, absmax_ptr, code_ptr, rm, rn, M, N, K, log2_bs,
+             K_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of ``x W^T`` for rows ``rm`` of x and rows ``rn`` of W (the whole K loop).
+
+    Shared with the LoRA kernels (kernels/lora.py), which add their low-rank term to the result.
+    """
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * K
     m_ok = rm[:, None] < M
@@ -163,23 +161,33 @@ def _matmul4bit_nt_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_p
         # W rounded to x's dtype first, as the reference does; fp32 stays IEEE (no tf32).
         acc = tl.dot(xt, tl.trans(w.to(x_ptr.dtype.element_ty)), acc, input_precision="ieee")
         b, s, xt = b_next, s_next, x_next
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok & (rn[None, :] < N))
+    return acc
 
 
 @triton.jit
-def _gemv4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, N, K, log2_bs,
-                     HAS_BIAS: tl.constexpr, K_ALIGNED: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # M == 1 (decode): no tl.dot. A 16-row MMA tile would be 15/16 padding, and moving W into the
-    # dot-operand layout costs a shared-memory round trip per weight; here each thread multiplies
-    # the codes it decoded by x in registers. Few rows per program (BLOCK_N) and long K tiles:
-    # many programs, long contiguous byte runs per row. W stays fp32 (it is not rounded to x's
-    # dtype as on the dot path): slightly more exact than the reference, never less.
-    pid = tl.program_id(0)
-    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _matmul4bit_nt_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, M, N, K, log2_bs,
+                          HAS_BIAS: tl.constexpr, K_ALIGNED: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # N on grid axis 0 (up to 2**31 programs); M tiles are few on this path.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _nt_tile(x_ptr, packed_ptr, absmax_ptr, code_ptr, rm, rn, M, N, K, log2_bs,
+                   K_ALIGNED, BLOCK_M, BLOCK_N, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _gemv_rows(x_ptr, packed_ptr, absmax_ptr, code_ptr, rn, N, K, log2_bs,
+               K_ALIGNED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_N]: ``W[rn, :] . x`` for one row x (the whole K loop; see _gemv4bit_kernel).
+
+    Shared with the LoRA GEMV (kernels/lora.py).
+    """
     if K_ALIGNED:
         # Per 32-element group: sum(code[q] * x) first, times the group's one scale after, so the
         # scale costs one multiply per group instead of one per weight. x is loaded [1, G, 32] in
@@ -210,21 +218,33 @@ def _gemv4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, N
             w = _w_decode(b, s, code_ptr, rn, k0, K, BLOCK_N, BLOCK_K, K_ALIGNED)
             acc += tl.sum(w * xv.to(tl.float32)[None, :], axis=1)
             b, s, xv = b_next, s_next, x_next
+    return acc
+
+
+@triton.jit
+def _gemv4bit_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, y_ptr, N, K, log2_bs,
+                     HAS_BIAS: tl.constexpr, K_ALIGNED: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # M == 1 (decode): no tl.dot. A 16-row MMA tile would be 15/16 padding, and moving W into the
+    # dot-operand layout costs a shared-memory round trip per weight; here each thread multiplies
+    # the codes it decoded by x in registers. Few rows per program (BLOCK_N) and long K tiles:
+    # many programs, long contiguous byte runs per row. W stays fp32 (it is not rounded to x's
+    # dtype as on the dot path): slightly more exact than the reference, never less.
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _gemv_rows(x_ptr, packed_ptr, absmax_ptr, code_ptr, rn, N, K, log2_bs, K_ALIGNED, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
-def _matmul4bit_nn_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K, log2_bs,
-                          K_ALIGNED: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Programs own a [BLOCK_M, BLOCK_K] tile of dx and walk down the N rows of W.
-    pid_k = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    k0 = pid_k * BLOCK_K
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = k0 + tl.arange(0, BLOCK_K)
+def _nn_tile(dy_ptr, packed_ptr, absmax_ptr, code_ptr, rm, k0, M, N, K, log2_bs,
+             K_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_K] tile of ``dy W``: rows ``rm`` of dy, columns ``k0 + [0, BLOCK_K)`` of W.
+
+    Walks down the N rows of W; shared with the LoRA kernels (kernels/lora.py).
+    """
     rb = tl.arange(0, BLOCK_N)
     dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * N
     m_ok = rm[:, None] < M
@@ -239,8 +259,23 @@ def _matmul4bit_nn_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N
         w = _w_decode(b, s, code_ptr, rn, k0, K, BLOCK_N, BLOCK_K, K_ALIGNED)
         acc = tl.dot(dyt, w.to(dy_ptr.dtype.element_ty), acc, input_precision="ieee")
         b, s, dyt = b_next, s_next, dy_next
+    return acc
+
+
+@triton.jit
+def _matmul4bit_nn_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K, log2_bs,
+                          K_ALIGNED: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Programs own a [BLOCK_M, BLOCK_K] tile of dx and walk down the N rows of W.
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    k0 = pid_k * BLOCK_K
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    acc = _nn_tile(dy_ptr, packed_ptr, absmax_ptr, code_ptr, rm, k0, M, N, K, log2_bs,
+                   K_ALIGNED, BLOCK_M, BLOCK_N, BLOCK_K)
     dx = dx_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
-    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_ok & (rk[None, :] < K))
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 # ----------------------------------------------------------------------------- workspace path
