@@ -36,4 +36,4 @@ gpu-check:
 	bash bench/gpu_run.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info peft_kernels/_cuda/*.so .benchmarks
+	rm -rf $(VENV) build *.egg-info peft_kernels/_cuda/*.so peft_kernels/_cpu/*.so .benchmarks

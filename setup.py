@@ -1,17 +1,20 @@
-"""Build hook: compile the optional CUDA C library while installing.
+"""Build hook: compile the optional C libraries while installing.
 
 All metadata lives in pyproject.toml; this file only adds a ``build_py`` step
-that runs nvcc (peft_kernels/csrc_build.py) and puts
-``libpeft_kernels_cuda.so`` into the package's ``_cuda/`` folder: the build
-folder for a normal install, the source tree for ``pip install -e .``.
+that runs peft_kernels/csrc_build.py: nvcc builds ``libpeft_kernels_cuda.so``
+into the package's ``_cuda/`` folder, the system C compiler builds
+``libpeft_kernels_cpu.so`` into ``_cpu/`` — in the build folder for a normal
+install, in the source tree for ``pip install -e .``.
 
-The library is optional (Triton and the torch reference cover every op), so an
-install never fails because of it: without nvcc, or when nvcc fails, a message
-is printed (pip shows it with ``-v``) and the install goes on without it.
+Both libraries are optional (Triton and the torch reference cover every op), so
+an install never fails because of them: without the compiler, or when it
+fails, a message is printed (pip shows it with ``-v``) and the install goes on.
 
 Environment:
   PEFT_KERNELS_NO_CUDA=1        skip the CUDA build
   PEFT_KERNELS_CUDA_ARCHS=80,90  compute capabilities to build (default 80,86,89,90)
+  PEFT_KERNELS_NO_CPU_LIB=1     skip the CPU C library build
+  CC=...                        C compiler for the CPU library (default: Python's, then cc/gcc/clang)
 """
 import importlib.util
 import os
@@ -33,10 +36,15 @@ except ImportError:  # pragma: no cover
 
 HERE = Path(__file__).resolve().parent
 LIB_REL = Path("peft_kernels", "_cuda", "libpeft_kernels_cuda.so")
+CPU_LIB_REL = Path("peft_kernels", "_cpu", "libpeft_kernels_cpu.so")
 
 
 def _say(msg: str) -> None:
     print(f"[peft_kernels] {msg}", file=sys.stderr, flush=True)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip() not in ("", "0")
 
 
 def _csrc_build():
@@ -49,19 +57,28 @@ def _csrc_build():
 
 
 class BuildPyWithCuda(build_py):
-    """build_py, then the CUDA C library (best effort)."""
+    """build_py, then the CUDA C library and the CPU C library (each best effort)."""
 
     def run(self):
         super().run()
-        target = (HERE if self.editable_mode else Path(self.build_lib)) / LIB_REL
-        if os.environ.get("PEFT_KERNELS_NO_CUDA", "").strip() not in ("", "0"):
-            _say("PEFT_KERNELS_NO_CUDA is set: not building the CUDA C library")
-            self._drop_stale(target)
-            return
         try:
             cb = _csrc_build()
         except Exception as e:  # a broken checkout must not break the install either
-            _say(f"cannot load csrc_build.py ({e}); installing without the CUDA C library")
+            _say(f"cannot load csrc_build.py ({e}); installing without the C libraries")
+            cb = None
+        self._build_cuda(cb)
+        self._build_cpu(cb)
+
+    def _target(self, rel: Path) -> Path:
+        return (HERE if self.editable_mode else Path(self.build_lib)) / rel
+
+    def _build_cuda(self, cb) -> None:
+        target = self._target(LIB_REL)
+        if _flag("PEFT_KERNELS_NO_CUDA"):
+            _say("PEFT_KERNELS_NO_CUDA is set: not building the CUDA C library")
+            self._drop_stale(target)
+            return
+        if cb is None:
             self._drop_stale(target)
             return
         nvcc = cb.nvcc_path()
@@ -82,6 +99,30 @@ class BuildPyWithCuda(build_py):
             return
         _say(f"built {path} in {time.perf_counter() - t0:.1f} s")
 
+    def _build_cpu(self, cb) -> None:
+        target = self._target(CPU_LIB_REL)
+        if _flag("PEFT_KERNELS_NO_CPU_LIB"):
+            _say("PEFT_KERNELS_NO_CPU_LIB is set: not building the CPU C library")
+            self._drop_stale(target)
+            return
+        if cb is None:
+            self._drop_stale(target)
+            return
+        cc = cb.c_compiler()
+        if cc is None:
+            _say("no C compiler found (set CC or install gcc/clang to build it); "
+                 "installing without the CPU C library (the torch reference still works)")
+            self._drop_stale(target)
+            return
+        t0 = time.perf_counter()
+        try:
+            path = cb.build_cpu(target.parent, verbose=bool(self.verbose and self.verbose > 1))
+        except Exception as e:
+            _say(f"CPU C library build failed; installing without it.\n{e}")
+            self._drop_stale(target)
+            return
+        _say(f"built {path} with {cc[0]} in {time.perf_counter() - t0:.1f} s")
+
     def _drop_stale(self, target: Path) -> None:
         # A normal build copies package data from the source tree, which may hold
         # a library from an earlier editable build: ship none rather than that one.
@@ -90,9 +131,10 @@ class BuildPyWithCuda(build_py):
 
     def get_outputs(self, include_bytecode=True):
         outputs = super().get_outputs(include_bytecode)
-        lib = str(Path(self.build_lib) / LIB_REL)
-        if not self.editable_mode and Path(lib).exists() and lib not in outputs:
-            outputs.append(lib)
+        for rel in (LIB_REL, CPU_LIB_REL):
+            lib = str(Path(self.build_lib) / rel)
+            if not self.editable_mode and Path(lib).exists() and lib not in outputs:
+                outputs.append(lib)
         return outputs
 
 
@@ -100,16 +142,16 @@ cmdclass = {"build_py": BuildPyWithCuda}
 
 if bdist_wheel is not None:
     class BdistWheelTagged(bdist_wheel):
-        """Tag the wheel for the platform (py3-none-linux_x86_64) when it carries the library.
+        """Tag the wheel for the platform (py3-none-linux_x86_64) when it carries a library.
 
-        The library does not depend on the Python version or ABI, only on the
+        The libraries do not depend on the Python version or ABI, only on the
         OS and CPU, so 'py3-none-<platform>' is exact; 'any' would be wrong.
         """
 
         def get_tag(self):
             tag = super().get_tag()
             build_lib = self.get_finalized_command("build_py").build_lib
-            if (Path(build_lib) / LIB_REL).exists():
+            if any((Path(build_lib) / rel).exists() for rel in (LIB_REL, CPU_LIB_REL)):
                 plat = (self.plat_name or sysconfig.get_platform()).replace("-", "_").replace(".", "_")
                 return "py3", "none", plat
             return tag

@@ -10,8 +10,11 @@ Run (times every benchmark, ~1 minute on 2 cores):
 Each pytest-benchmark group holds the rows to read side by side (ours,
 bitsandbytes, dense). Every benchmark checks what it timed — the result the
 timed call returned — against a float64 reference, so a broken path cannot
-post a fast number. On CPU tensors ``auto`` dispatch runs ``ops/reference.py``;
-the backend used is stored in each row's ``extra_info``.
+post a fast number. Our dequantization and Linear4bit rows come in two
+variants with the backend forced: ``reference`` (``ops/reference.py``, plain
+torch) and ``cpu-lib`` (the CPU C library, what ``auto`` picks on CPU tensors
+when the library is built; skipped when it is not). The backend used is stored
+in each row's ``extra_info``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ pytestmark = pytest.mark.benchmark(min_rounds=10, max_time=1.0, warmup=True, war
 N = K = 1024  # divisible by the blocksize: bnb 0.50.2's AVX-512 CPU dequant is wrong otherwise
 BLOCKSIZE = 64
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # DESIGN.md tolerance policy
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16"}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: Our variants of the dequantize and Linear4bit rows -> the PEFT_KERNELS_BACKEND each forces.
+OUR_BACKENDS = {"reference": "reference", "cpu-lib": "cpu"}
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -43,15 +48,25 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def fresh_weight(dtype: torch.dtype, seed: int) -> torch.Tensor:
+def fresh_weight(dtype: torch.dtype, seed: int, n: int = N, k: int = K) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(N, K, generator=g) * 0.02).to(dtype)  # roughly an LLM weight's scale
+    return (torch.randn(n, k, generator=g) * 0.02).to(dtype)  # roughly an LLM weight's scale
 
 
 def note_backend(benchmark, impl: str) -> None:
-    if impl == "ours":
-        benchmark.extra_info["backend"] = backend.select(torch.device("cpu"))
+    if impl == "ours" or impl in OUR_BACKENDS:
+        benchmark.extra_info["backend"] = backend.select(torch.device("cpu"), has_cpu_impl=True)
     benchmark.extra_info["threads"] = torch.get_num_threads()
+
+
+def force_backend(monkeypatch, impl: str) -> None:
+    """Pin our variant's backend (rows of other libraries are left alone)."""
+    if impl not in OUR_BACKENDS:
+        return
+    if OUR_BACKENDS[impl] == "cpu" and not backend.cpu_lib_usable():
+        from peft_kernels.ops import cpu_lib
+        pytest.skip(f"CPU C library unavailable: {cpu_lib.unavailable_reason()}")
+    monkeypatch.setenv(backend.ENV_VAR, OUR_BACKENDS[impl])
 
 
 # ------------------------------------------------------------------ quantize
@@ -82,28 +97,33 @@ def test_quantize(benchmark, impl, dtype):
 
 
 # ---------------------------------------------------------------- dequantize
-@pytest.fixture(scope="module", params=[torch.float32, torch.float16], ids=["fp32", "fp16"])
+DEQUANT_CASES = [(1024, torch.float32), (1024, torch.float16), (1024, torch.bfloat16),
+                 (4096, torch.float32), (4096, torch.bfloat16)]
+
+
+@pytest.fixture(scope="module", params=DEQUANT_CASES, ids=[f"{n}-{DTYPE_NAMES[d]}" for n, d in DEQUANT_CASES])
 def quantized(request):
-    """(dtype, our packed+state, bnb packed+QuantState, float64 reference) for one weight."""
-    dtype = request.param
-    w = fresh_weight(dtype, seed=2)
+    """(n, dtype, our packed+state, bnb packed+QuantState, float64 reference) for one n x n weight."""
+    n, dtype = request.param
+    w = fresh_weight(dtype, seed=2, n=n, k=n)
     packed, state = quantize_4bit(w, BLOCKSIZE, "nf4", True)
     bpacked, bqs = bnbF.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
     ref = reference.dequantize_4bit(packed, state.absmax_float(), state.code, BLOCKSIZE, state.numel,
-                                    torch.float64).view(N, K)
-    return dtype, (packed, state), (bpacked, bqs), ref
+                                    torch.float64).view(n, n)
+    return n, dtype, (packed, state), (bpacked, bqs), ref
 
 
-@pytest.mark.parametrize("impl", ["ours", "bnb"])
-def test_dequantize(benchmark, impl, quantized):
-    dtype, (packed, state), (bpacked, bqs), ref = quantized
-    benchmark.group = f"dequantize nf4 {N}x{K} -> {DTYPE_NAMES[dtype]} bs{BLOCKSIZE} double-quant"
+@pytest.mark.parametrize("impl", ["reference", "cpu-lib", "bnb"])
+def test_dequantize(benchmark, monkeypatch, impl, quantized):
+    n, dtype, (packed, state), (bpacked, bqs), ref = quantized
+    benchmark.group = f"dequantize nf4 {n}x{n} -> {DTYPE_NAMES[dtype]} bs{BLOCKSIZE} double-quant"
+    force_backend(monkeypatch, impl)
     note_backend(benchmark, impl)
-    if impl == "ours":
+    if impl in OUR_BACKENDS:
         out = benchmark(dequantize, packed, state, dtype)
     else:
         out = benchmark(bnbF.dequantize_4bit, bpacked, bqs, quant_type="nf4")
-    assert out.dtype == dtype and out.shape == (N, K)
+    assert out.dtype == dtype and out.shape == (n, n)
     err = rel_err(out, ref)
     benchmark.extra_info["rel_err"] = err
     assert err <= TOL[dtype], f"{impl} dequantize rel err {err:.3g} > {TOL[dtype]}"
@@ -130,14 +150,16 @@ def layers():
     qs = ours.quant_state
     w_q = reference.dequantize_4bit(ours.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
                                     torch.float64).view(N, K)
-    return {"ours": (ours, w_q), "bnb": (theirs, w_q), "dense": (dense, dense.weight.double())}
+    return {"reference": (ours, w_q), "cpu-lib": (ours, w_q), "bnb": (theirs, w_q),
+            "dense": (dense, dense.weight.double())}
 
 
 @pytest.mark.parametrize("m", [1, 16, 256])
-@pytest.mark.parametrize("impl", ["ours", "bnb", "dense"])
-def test_linear_fwd_bwd(benchmark, impl, m, layers):
+@pytest.mark.parametrize("impl", ["reference", "cpu-lib", "bnb", "dense"])
+def test_linear_fwd_bwd(benchmark, monkeypatch, impl, m, layers):
     layer, w64 = layers[impl]
     benchmark.group = f"linear fwd+bwd(dX) fp32 M={m} {K}->{N}"
+    force_backend(monkeypatch, impl)
     note_backend(benchmark, impl)
     g = torch.Generator().manual_seed(100 + m)
     x = torch.randn(m, K, generator=g).requires_grad_(True)

@@ -1,10 +1,10 @@
-"""Build the CUDA C library (``csrc/``) with nvcc into ``libpeft_kernels_cuda.so``.
+"""Build the C libraries: CUDA (``csrc/``, nvcc) and CPU (``csrc/cpu/``, the system C compiler).
 
-Used by ``setup.py`` at install time and by ``tests/test_csrc.py``. Standard
+Used by ``setup.py`` at install time and by ``tests/test_csrc.py`` / ``tests/test_cpu_lib.py``. Standard
 library only, and imported by file path from setup.py, so that building needs
 neither torch nor an importable ``peft_kernels``.
 
-The library is a fat binary: SASS for every requested arch plus PTX for the
+The CUDA library is a fat binary: SASS for every requested arch plus PTX for the
 highest one, so that newer GPUs JIT-compile it. The CUDA runtime is linked
 statically and every symbol except the ``pk_*`` C ABI is hidden, so the file
 depends only on libc/libstdc++ and the driver (loaded at first use): it runs
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 LIB_NAME = "libpeft_kernels_cuda.so"
@@ -120,3 +122,66 @@ def build_emulator(out_dir: str | os.PathLike, verbose: bool = False) -> Path:
     """
     flags = ["-DPK_HOST_EMULATION", "-gencode", "arch=compute_80,code=compute_80"]
     return _run_nvcc(flags, Path(out_dir) / "libpeft_kernels_cuda_emu.so", verbose)
+
+
+# ----------------------------------------------------------------- CPU library
+CPU_LIB_NAME = "libpeft_kernels_cpu.so"
+CPU_SOURCES = ("dequant_4bit_cpu.c",)
+CPU_CSRC_DIR = CSRC_DIR / "cpu"
+CPU_PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "_cpu"
+
+# Baseline ISA only (no -march): the AVX2 / AVX-512 kernels carry their own target
+# attributes and are picked at run time. Results must round exactly like torch:
+# never -ffast-math, and no FMA contraction (gnu11 would allow it).
+_CPU_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden", "-Wall",
+              "-Wextra")
+
+
+def c_compiler() -> list[str] | None:
+    """The C compiler command (argv prefix): ``$CC``, Python's configured CC, cc, gcc, clang; None if absent."""
+    candidates = [os.environ.get("CC", ""), sysconfig.get_config_var("CC") or ""]
+    candidates += ["cc", "gcc", "clang"]
+    for cand in candidates:
+        argv = shlex.split(cand)
+        if argv and shutil.which(argv[0]):
+            return [shutil.which(argv[0]), *argv[1:]]
+    return None
+
+
+def build_cpu(out_dir: str | os.PathLike | None = None, verbose: bool = False, *,
+              openmp: bool | None = None) -> Path:
+    """Compile ``csrc/cpu/`` into ``out_dir/libpeft_kernels_cpu.so`` and return its path.
+
+    ``out_dir`` defaults to the package's ``_cpu/`` folder (where the loader
+    looks). ``openmp``: True requires OpenMP, False builds single-threaded, None
+    (default) tries OpenMP and falls back without it (e.g. clang without libomp).
+    Raises :class:`BuildError` when no C compiler is found or the build fails.
+    """
+    cc = c_compiler()
+    if cc is None:
+        raise BuildError("no C compiler found (looked at $CC, Python's CC, cc, gcc, clang)")
+    srcs = [CPU_CSRC_DIR / s for s in CPU_SOURCES]
+    missing = [str(s) for s in srcs if not s.is_file()]
+    if missing:
+        raise BuildError(f"C sources not found: {missing} (building needs a source checkout)")
+    out = Path(out_dir if out_dir is not None else CPU_PACKAGE_LIB_DIR) / CPU_LIB_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # rename into place, as for the CUDA library
+    attempts = [["-fopenmp"], []] if openmp is None else [["-fopenmp"] if openmp else []]
+    failures = []
+    for extra in attempts:
+        cmd = [*cc, *_CPU_FLAGS, *extra, "-I", str(CPU_CSRC_DIR), "-o", str(tmp), *map(str, srcs)]
+        if verbose:
+            print("[peft_kernels] " + " ".join(cmd), flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise BuildError(f"could not run {cc[0]}: {e}") from e
+        if verbose and (proc.stdout or proc.stderr):
+            print(proc.stdout + proc.stderr, flush=True)
+        if proc.returncode == 0:
+            os.replace(tmp, out)
+            return out
+        tmp.unlink(missing_ok=True)
+        failures.append(f"command: {' '.join(cmd)}\nexit code {proc.returncode}\n{proc.stdout}{proc.stderr}")
+    raise BuildError("C compiler failed\n" + "\n".join(failures))

@@ -1,10 +1,12 @@
-"""Which implementation runs an op: the plain-torch reference, Triton, or the CUDA C library.
+"""Which implementation runs an op: the plain-torch reference, Triton, the CUDA C library or the CPU C library.
 
-``auto`` (the default): CUDA tensors go to Triton, CPU tensors to
-``ops/reference.py``; the CUDA C library (``csrc/``) runs when forced with
-``cuda``. ``PEFT_KERNELS_BACKEND`` forces one: tests use
-``PEFT_KERNELS_BACKEND=triton`` together with ``TRITON_INTERPRET=1`` to run the
-Triton kernels on CPU tensors.
+``auto`` (the default): CUDA tensors go to Triton; CPU tensors go to the CPU C
+library (``csrc/cpu/``, backend ``cpu``) for ops that have a CPU implementation
+when the library loads, else to ``ops/reference.py``. The CUDA C library
+(``csrc/``) runs when forced with ``cuda``. ``PEFT_KERNELS_BACKEND`` forces one:
+``reference`` is plain torch everywhere (the ground truth tests compare with);
+tests use ``PEFT_KERNELS_BACKEND=triton`` together with ``TRITON_INTERPRET=1``
+to run the Triton kernels on CPU tensors.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 ENV_VAR = "PEFT_KERNELS_BACKEND"
 
 
@@ -31,15 +33,33 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def select(device: torch.device, *, has_cuda_impl: bool = False) -> str:
+def cpu_lib_usable() -> bool:
+    """The CPU C library loads (built and ABI-compatible)."""
+    from . import cpu_lib
+    return cpu_lib.load() is not None
+
+
+def select(device: torch.device, *, has_cuda_impl: bool = False, has_cpu_impl: bool = False) -> str:
     """The backend that will run an op whose tensors live on ``device``.
 
     ``has_cuda_impl``: the op has a CUDA C implementation (otherwise a forced
-    'cuda' falls back to Triton, the other GPU path).
+    'cuda' falls back to Triton, the other GPU path). ``has_cpu_impl``: the op
+    has a CPU C implementation (otherwise 'cpu' and ``auto`` on CPU tensors run
+    the reference).
     """
     name = requested()
     if name == "reference":
         return "reference"
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{ENV_VAR}=cpu needs CPU tensors, got tensors on {device}")
+        if not has_cpu_impl:
+            return "reference"
+        if not cpu_lib_usable():
+            from . import cpu_lib
+            raise RuntimeError(f"{ENV_VAR}=cpu but the CPU C library is unavailable: "
+                               f"{cpu_lib.unavailable_reason()}")
+        return "cpu"
     if name == "cuda":
         if device.type != "cuda":
             raise ValueError(f"{ENV_VAR}=cuda needs CUDA tensors, got tensors on {device}")
@@ -58,4 +78,6 @@ def select(device: torch.device, *, has_cuda_impl: bool = False) -> str:
     # benchmark (bench/gpu_suite.py) shows it beating the Triton kernel on a shape.
     if device.type == "cuda":
         return "triton"
+    if device.type == "cpu" and has_cpu_impl and cpu_lib_usable():
+        return "cpu"
     return "reference"

@@ -14,6 +14,10 @@ Autograd (``linear4bit``): backward computes ``dX = dY W`` by a kernel that
 dequantizes W on the fly, and ``db = sum(dY)`` when the bias trains. Saved for
 backward are only the tensors above (the module's own buffers: no new memory)
 and never x or a dequantized W — the weight is frozen.
+
+CPU tensors (backend ``cpu``, the default when the CPU C library loads):
+W is dequantized by the C kernel — bit-identical to the reference's — and
+multiplied by torch, so results equal backend ``reference``'s exactly.
 """
 from __future__ import annotations
 
@@ -31,21 +35,44 @@ def _absmax_f32(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Op
     return reference.decode_absmax(absmax, nested_absmax, nested_code, nested_offset)
 
 
+def _dense_weight(which: str, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                  nested_code: Optional[Tensor], nested_offset: float, blocksize: int, numel: int,
+                  dtype: torch.dtype) -> Tensor:
+    """Flat [numel] W in ``dtype`` from CPU tensors: the C kernel for backend 'cpu', else the reference.
+
+    Both give the same bits. The C kernel also decodes double-quantized absmax
+    (saving a pass over nblocks floats); float64 (exact references) has no C kernel.
+    """
+    if which == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from .cpu_lib import dequantize_4bit_cpu
+        if nested_absmax is not None and absmax.dtype == torch.uint8:
+            return dequantize_4bit_cpu(packed.contiguous(), absmax.contiguous(), code.float().contiguous(),
+                                       blocksize, numel, dtype, nested_absmax=nested_absmax.float().contiguous(),
+                                       nested_code=nested_code.float().contiguous(), nested_offset=nested_offset)
+        absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+        return dequantize_4bit_cpu(packed.contiguous(), absmax_f.contiguous(), code.float().contiguous(),
+                                   blocksize, numel, dtype)
+    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+    return reference.dequantize_4bit(packed, absmax_f, code, blocksize, numel, dtype)
+
+
 # ----------------------------------------------------------------- dequantize
 @torch.library.custom_op("peft_kernels::dequantize_4bit", mutates_args=())
 def dequantize_4bit_op(packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
                        nested_code: Optional[Tensor], nested_offset: float, blocksize: int, numel: int,
                        dtype: torch.dtype) -> Tensor:
     """Flat [numel] tensor of ``dtype`` from the 4-bit weight."""
-    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
-    which = backend.select(packed.device, has_cuda_impl=True)
+    which = backend.select(packed.device, has_cuda_impl=True, has_cpu_impl=True)
     if which == "triton":
         from ..kernels.dequant4bit import dequantize_4bit
+        absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
         return dequantize_4bit(packed, absmax_f, code, blocksize, numel, dtype)
     if which == "cuda":
         from .cuda_lib import dequantize_4bit_cuda
+        absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
         return dequantize_4bit_cuda(packed, absmax_f, code, blocksize, numel, dtype)
-    return reference.dequantize_4bit(packed, absmax_f, code, blocksize, numel, dtype)
+    return _dense_weight(which, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, numel,
+                         dtype)
 
 
 @dequantize_4bit_op.register_fake
@@ -59,9 +86,16 @@ def linear4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, neste
                   nested_code: Optional[Tensor], nested_offset: float, blocksize: int, out_features: int,
                   bias: Optional[Tensor]) -> Tensor:
     """``y = x W^T + b``: x [..., K] -> y [..., N] in x.dtype."""
-    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
     x2 = x.reshape(-1, x.shape[-1])
-    if backend.select(x.device) == "triton":
+    which = backend.select(x.device, has_cpu_impl=True)
+    if which == "cpu":  # the reference's computation with the C dequantization
+        k = x2.shape[-1]
+        w = _dense_weight(which, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                          out_features * k, x.dtype)
+        y = torch.nn.functional.linear(x2, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], out_features)
+    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+    if which == "triton":
         from ..kernels.matmul4bit import matmul_4bit_nt
         y = matmul_4bit_nt(x2.contiguous(), packed, absmax_f, code, blocksize, out_features, bias)
     else:
@@ -80,9 +114,15 @@ def linear4bit_grad_input_op(dy: Tensor, packed: Tensor, absmax: Tensor, code: T
                              nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                              nested_offset: float, blocksize: int, in_features: int) -> Tensor:
     """``dX = dY W``: dy [..., N] -> dx [..., K] in dy.dtype."""
-    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
     dy2 = dy.reshape(-1, dy.shape[-1])
-    if backend.select(dy.device) == "triton":
+    which = backend.select(dy.device, has_cpu_impl=True)
+    if which == "cpu":  # the reference's computation with the C dequantization
+        n = dy2.shape[-1]
+        w = _dense_weight(which, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                          n * in_features, dy.dtype)
+        return (dy2 @ w.view(n, in_features)).reshape(*dy.shape[:-1], in_features)
+    absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
+    if which == "triton":
         from ..kernels.matmul4bit import matmul_4bit_nn
         dx = matmul_4bit_nn(dy2.contiguous(), packed, absmax_f, code, blocksize, in_features)
     else:

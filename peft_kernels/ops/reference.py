@@ -72,3 +72,53 @@ def linear4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.
     n = dy.shape[-1]
     w = dequantize_4bit(packed, absmax, code, blocksize, n * in_features, dy.dtype).view(n, in_features)
     return dy @ w
+
+
+# ----------------------------------------------------------------------------- LoRA / DoRA
+def lora_forward_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      blocksize: int, out_features: int, xa_scaled: torch.Tensor, lora_B: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x W^T + xa_scaled B^T + b``: x [M, K], xa_scaled [M, r], lora_B [N, r] -> y [M, N] in x.dtype.
+
+    ``xa_scaled`` is ``s * drop(x) A^T`` (the LoRA scale already applied). W is dequantized to
+    x.dtype; B and the bias are cast to x.dtype.
+    """
+    y = linear4bit_forward(x, packed, absmax, code, blocksize, out_features, bias)
+    return y.addmm_(xa_scaled.to(x.dtype), lora_B.to(x.dtype).t())
+
+
+def lora_grad_input_4bit(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                         blocksize: int, in_features: int, dyb_scaled: torch.Tensor,
+                         lora_A: torch.Tensor) -> torch.Tensor:
+    """``dX = dY W + dyb_scaled A``: dy [M, N], dyb_scaled [M, r] (= s * dY B), lora_A [r, K] -> [M, K] in dy.dtype."""
+    dx = linear4bit_grad_input(dy, packed, absmax, code, blocksize, in_features)
+    return dx.addmm_(dyb_scaled.to(dy.dtype), lora_A.to(dy.dtype))
+
+
+def dora_weight_norm_dense(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """``||W[n, :] + scale * (B A)[n, :]||_2`` per output row: weight [N, K], A [r, K], B [N, r] -> [N].
+
+    Computed in float32 (float64 when any input is float64) and returned in that dtype; B A is
+    formed in the same precision. Rows are processed in chunks so peak extra memory stays small.
+    """
+    work = torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype, lora_B.dtype) else torch.float32
+    a = lora_A.to(work)
+    b = lora_B.to(work)
+    n = weight.shape[0]
+    out = torch.empty(n, dtype=work, device=weight.device)
+    step = max(1, (1 << 22) // max(1, weight.shape[1]))  # ~4M elements per chunk
+    for i in range(0, n, step):
+        w = weight[i:i + step].to(work) + scale * (b[i:i + step] @ a)
+        out[i:i + step] = torch.linalg.vector_norm(w, dim=1)
+    return out
+
+
+def dora_weight_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                          out_features: int, in_features: int, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """:func:`dora_weight_norm_dense` of the 4-bit weight W [out_features, in_features] dequantized in
+    float32 (float64 when A or B is float64) -> [N] in that dtype."""
+    work = torch.float64 if torch.float64 in (lora_A.dtype, lora_B.dtype) else torch.float32
+    w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, work)
+    return dora_weight_norm_dense(w.view(out_features, in_features), lora_A, lora_B, scale)
