@@ -32,6 +32,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..io.atomic import fsync_dir as _fsync_dir, fsync_file as _fsync_file, publish_directory
+from ..io.atomic import rename_exchange as _rename_exchange
 from ..nn.linear4bit import Linear4bit
 from .model import (DEFAULT_SKIP, _Default, _tied_weight_ids, describe_quantization, is_quantizable_linear,
                     linear_shape, record_quantization_config, select_linears)
@@ -189,19 +191,6 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _is_checkpoint_file(name: str) -> bool:
     return (name == CONFIG_FILE or name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
             or name.endswith(PICKLE_SUFFIXES) or name.endswith(".bin.index.json"))
@@ -212,43 +201,9 @@ def _has_checkpoint(directory: Path) -> bool:
 
 
 def _publish(staging: Path, directory: Path) -> None:
-    """Move the finished ``staging`` directory to ``directory`` in one step."""
-    if not directory.exists():
-        os.rename(staging, directory)
-        _fsync_dir(directory.parent)
-        return
-    for entry in directory.iterdir():  # carry over what is not part of the checkpoint
-        if not _is_checkpoint_file(entry.name) and not (staging / entry.name).exists():
-            if entry.is_dir():
-                shutil.copytree(entry, staging / entry.name, symlinks=True)
-            else:
-                try:
-                    os.link(entry, staging / entry.name)
-                except OSError:
-                    shutil.copy2(entry, staging / entry.name)
-    if _rename_exchange(staging, directory):
-        shutil.rmtree(staging)  # now holds the old checkpoint
-    else:
-        # No atomic exchange here: two renames; between them `directory` is briefly absent
-        # (never half-written), and the old copy is kept until the new one is in place.
-        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-        os.rmdir(old)
-        os.rename(directory, old)
-        os.rename(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(directory.parent)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+    """Move the finished ``staging`` directory to ``directory`` in one step (see io/atomic.py)."""
+    # _rename_exchange is looked up here at call time so tests can monkeypatch it on this module.
+    publish_directory(staging, directory, owned=_is_checkpoint_file, exchange=_rename_exchange)
 
 
 # =====================================================================  load
