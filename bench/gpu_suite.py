@@ -21,6 +21,21 @@ Sections (JSON keys):
   ``bitsandbytes.nn.Linear4bit`` vs dense ``nn.Linear`` with a frozen weight.
 * ``crossover`` (d): the Triton fused kernels vs dequant-to-workspace + cuBLAS,
   each forced, forward and dX, M in {16..1024}: where ``FUSED_MAX_M`` belongs.
+* ``lora_fwd_bwd`` (e): one LoRA linear layer, forward + dX, dA, dB, r in {8,16,64},
+  the (b) shapes and Ms: ours (``nn.LoraLinear`` over ``nn.Linear4bit``) vs PEFT over
+  ``bitsandbytes.nn.Linear4bit`` vs the dense limit (frozen dense W + plain torch
+  LoRA, cuBLAS only); ``lora_summary``: ours/dense and peft/ours.
+* ``decoder_layer`` (f): one Llama-3-8B-shaped ``LlamaDecoderLayer`` (random weights,
+  seq 2048, batch 1), QLoRA r=16 on all 7 linear layers, forward + backward: ours
+  (``quantize_model`` + ``methods.lora.apply``) vs PEFT + bitsandbytes;
+  ``decoder_summary``: peft/ours.
+
+LoRA rows (e, f) run under ``torch.autocast`` to the suite dtype (as a Trainer with
+bf16=True runs PEFT: its LoRA matmuls then run in bf16, its fastest mode), with
+float32 adapter parameters (PEFT's default) for every implementation. Their check:
+y, dX, dA, dB against a float32 reference from the same 4-bit bytes; for (f) a
+float32 copy of the layer with the dequantized weights and PEFT LoRA over nn.Linear,
+the 7 layers' dA (and dB) concatenated into one relative error.
 
 Method. Every op is first checked against a float32 reference (TF32 off) built
 from the same 4-bit bytes; a wrong result is recorded as FAIL and never timed.
@@ -70,6 +85,9 @@ FULL = dict(
     linear_shapes=[(4096, 4096), (4096, 14336)],  # (K in, N out)
     ms=[1, 16, 512, 4096, 8192],
     crossover_ms=[16, 64, 128, 256, 512, 1024],
+    lora_ranks=[16, 8, 64],  # the target's r first: a spent --budget-s drops the others
+    lora_ms=[1, 16, 512, 4096, 8192],
+    decoder=dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, seq=2048, batch=1, r=16),
 )
 # Dry run: same code paths at tiny sizes on CPU. fp16, because Triton's interpreter
 # (--interpret) computes bf16 arithmetic wrongly; K divisible by the blocksize, because
@@ -82,6 +100,9 @@ DRY = dict(
     linear_shapes=[(128, 128), (128, 448)],
     ms=[1, 16, 48],
     crossover_ms=[16, 80],
+    lora_ranks=[16, 8, 64],
+    lora_ms=[1, 48],
+    decoder=dict(hidden=128, intermediate=448, heads=4, kv_heads=2, seq=64, batch=1, r=16),
 )
 
 
@@ -531,6 +552,338 @@ def linear_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------ LoRA sections (e, f)
+class LoraParts:
+    """What the LoRA sections need beyond ``Parts``: our LoRA modules, PEFT, transformers (with reasons)."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+        self.versions: dict = {}
+        self.LoraLinear = self.apply = self.LoraConfig = self.quantize_model = None
+        self.peft = self.llama = None
+        try:
+            from peft_kernels.nn import LoraLinear
+            self.LoraLinear = LoraLinear
+        except Exception as e:
+            self.notes.append(f"peft_kernels.nn.LoraLinear not importable ({type(e).__name__}: {e}): "
+                              "LoRA 'ours' rows skipped")
+        try:
+            from peft_kernels.methods import lora as methods_lora
+            from peft_kernels.quant import quantize_model
+            self.apply, self.LoraConfig, self.quantize_model = (methods_lora.apply, methods_lora.LoraConfig,
+                                                                quantize_model)
+        except Exception as e:
+            self.notes.append(f"peft_kernels.methods.lora / quantize_model not importable ({type(e).__name__}: "
+                              f"{e}): decoder-layer 'ours' row skipped")
+        try:
+            import peft
+            self.peft = peft
+            self.versions["peft"] = peft.__version__
+        except Exception as e:
+            self.notes.append(f"peft not importable ({type(e).__name__}: {e}): PEFT columns skipped")
+        try:
+            import transformers
+            from transformers.models.llama import modeling_llama
+            self.llama = (transformers.LlamaConfig, modeling_llama.LlamaDecoderLayer,
+                          modeling_llama.LlamaRotaryEmbedding)
+            self.versions["transformers"] = transformers.__version__
+        except Exception as e:
+            self.notes.append(f"transformers' Llama not importable ({type(e).__name__}: {e}): section (f) skipped")
+
+
+class _PeftHolder(torch.nn.Module):
+    """A minimal model for ``peft.get_peft_model``: the wrapped module as child ``inner``."""
+
+    def __init__(self, inner: torch.nn.Module, loaded_in_4bit: bool):
+        super().__init__()
+        self.inner = inner
+        # PEFT reads this to swap bitsandbytes 4-bit layers for its bnb LoRA layer (as for a 4-bit HF model).
+        self.is_loaded_in_4bit = loaded_in_4bit
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def _peft_wrap(lp: LoraParts, module: torch.nn.Module, targets: list[str], r: int, alpha: float,
+               loaded_in_4bit: bool):
+    """PEFT LoRA (default init, fp32 adapters) over ``module``; returns (peft model, the wrapped module)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = lp.peft.get_peft_model(_PeftHolder(module, loaded_in_4bit),
+                                    lp.peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    return pm, pm.base_model.model.inner
+
+
+def _bnb_linear4bit(parts: Parts, dense: torch.nn.Linear, dtype, dev):
+    """bitsandbytes' Linear4bit over the same weight (the supported route: load, then .to() quantizes)."""
+    bl = parts.bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                 compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device=dev)
+    bl.load_state_dict(dense.state_dict())
+    bl = bl.to(dev)
+    bl.train()  # CPU (dry run): an eval-mode forward would repack the weight
+    return bl
+
+
+def _lora_ab(r: int, k: int, n: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 A [r, K] in PEFT's Kaiming-uniform range and a non-zero B [N, r] sized so the LoRA term is
+    about as large as the base one (PEFT's zero B would leave the LoRA path unchecked)."""
+    a = (torch.rand(r, k, device=dev) * 2 - 1) / k ** 0.5
+    b = torch.randn(n, r, device=dev) / (2 * r ** 0.5)
+    return a, b
+
+
+def lora_section(b: Bench, parts: Parts, lp: LoraParts, cfg: dict) -> list[dict]:
+    """(e) One LoRA linear layer, forward + backward (dX, dA, dB) under autocast to ``cfg['dtype']``:
+    ours (LoraLinear over Linear4bit) vs PEFT over bitsandbytes.nn.Linear4bit vs the dense limit (frozen
+    dense W, plain torch LoRA: cuBLAS only). Ranks in cfg order (the target's r first, so a spent
+    budget drops the others)."""
+    import torch.nn.functional as F
+    from peft_kernels.nn import Linear4bit
+    from peft_kernels.ops import reference
+
+    dev, dtype = b.device, cfg["dtype"]
+    rows: list[dict] = []
+    bases = {}
+    for k, n in cfg["linear_shapes"]:
+        dense = torch.nn.Linear(k, n, bias=False, device=dev, dtype=dtype)
+        dense.weight.requires_grad_(False)
+        ours = Linear4bit.from_linear(dense)
+        qs = ours.quant_state
+        w_q = reference.dequantize_4bit(ours.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
+                                        torch.float32).view(n, k)
+        bl, why = None, "bitsandbytes not importable"
+        if parts.bnb is not None:
+            bl = _bnb_linear4bit(parts, dense, dtype, dev)
+            if not torch.equal(bl.weight.data.reshape(-1), ours.weight.reshape(-1)):
+                bl, why = None, "bitsandbytes quantized to different bytes than ours"  # w_q would be wrong
+        if lp.peft is None:
+            bl, why = None, "peft not importable"
+        bases[(k, n)] = (dense, ours, bl, w_q, dense.weight.float(), why)
+    for r in cfg["lora_ranks"]:
+        alpha = 2 * r
+        s = alpha / r
+        # Largest shape first (the target's): rows past --budget-s are skipped in this order.
+        for (k, n), (dense, ours_base, bl, w_q, w_d32, why) in reversed(list(bases.items())):
+            a, bm = _lora_ab(r, k, n, dev)
+            impls, missing = {}, {}
+            if lp.LoraLinear is not None:
+                mod = lp.LoraLinear(ours_base, "default", r=r, lora_alpha=alpha).train()
+                with torch.no_grad():
+                    mod.lora_A["default"].weight.copy_(a)
+                    mod.lora_B["default"].weight.copy_(bm)
+                impls["ours"] = (mod, mod.lora_A["default"].weight, mod.lora_B["default"].weight, w_q)
+            else:
+                missing["ours"] = "peft_kernels.nn.LoraLinear not importable"
+            if bl is None:
+                missing["peft"] = why
+            else:
+                pm, pl = _peft_wrap(lp, bl, ["inner"], r, alpha, loaded_in_4bit=True)
+                with torch.no_grad():
+                    pl.lora_A["default"].weight.copy_(a)
+                    pl.lora_B["default"].weight.copy_(bm)
+                impls["peft"] = (pm.train(), pl.lora_A["default"].weight, pl.lora_B["default"].weight, w_q)
+                if type(pl).__module__ != "peft.tuners.lora.bnb":
+                    missing["peft"] = f"PEFT chose {type(pl).__name__}, not its bitsandbytes 4-bit layer"
+                    del impls["peft"]
+            a_d, b_d = a.clone().requires_grad_(True), bm.clone().requires_grad_(True)
+
+            def dense_limit(x, a_d=a_d, b_d=b_d, w_d=dense.weight, s=s):
+                return F.linear(x, w_d) + s * F.linear(F.linear(x, a_d), b_d)
+            impls["dense"] = (dense_limit, a_d, b_d, w_d32)
+            for m in cfg["lora_ms"]:
+                x = torch.randn(m, k, device=dev, dtype=dtype).requires_grad_(True)
+                dy = torch.randn(m, n, device=dev, dtype=dtype)
+                xf, dyf = x.detach().float(), dy.float()
+                xa, dyb = xf @ a.t(), dyf @ bm
+                ref_lora = {"dA": s * dyb.t() @ xf, "dB": s * dyf.t() @ xa}
+                lora_y, lora_dx = s * xa @ bm.t(), s * dyb @ a
+                refs = {}  # per reference weight (ours and PEFT share the dequantized one)
+                for impl in ("ours", "peft", "dense"):
+                    base = {"k": k, "n": n, "m": m, "r": r, "impl": impl, "dtype": str(dtype).replace("torch.", "")}
+                    if impl in missing:
+                        rows.append(skip_row(base, missing[impl]))
+                        continue
+                    fn, pa, pb, w_ref = impls[impl]
+                    if id(w_ref) not in refs:
+                        refs[id(w_ref)] = dict(ref_lora, y=xf @ w_ref.t() + lora_y, dx=dyf @ w_ref + lora_dx)
+                    ref = refs[id(w_ref)]
+
+                    def step(fn=fn, pa=pa, pb=pb):
+                        with torch.autocast(dev.type, dtype=dtype):
+                            y = fn(x)
+                        return (y, *torch.autograd.grad(y, (x, pa, pb), dy))  # no accumulation into .grad
+
+                    def check(o, ref=ref):
+                        return {f"rel_err_{key}": rel_err(t, ref[key]) for key, t in zip(("y", "dx", "dA", "dB"), o)}
+                    rows.append(b.row(base, step, check, tol=TOL[dtype],
+                                      flops=4.0 * m * n * k + 6.0 * m * r * (n + k),
+                                      poison_specs=[((m, n), dtype), ((m, k), dtype)]))
+                    del ref
+                del x, dy, xf, dyf, xa, dyb, ref_lora, lora_y, lora_dx, refs
+            del impls
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def lora_summary(rows: list[dict]) -> list[dict]:
+    """One line per (k, n, r, m): ms per implementation, ours/dense and peft/ours."""
+    table: dict = {}
+    for r in rows:
+        table.setdefault((r["k"], r["n"], r["r"], r["m"]), {})[r["impl"]] = r
+    out = []
+    for (k, n, rank, m), d in sorted(table.items()):
+        ms = {i: d[i]["ms"] for i in d if d[i].get("status") == "ok"}
+        s = {"k": k, "n": n, "r": rank, "m": m, **{f"{i}_ms": v for i, v in ms.items()}}
+        if "ours" in ms and "dense" in ms:
+            s["ours_over_dense"] = ms["ours"] / ms["dense"]
+        if "ours" in ms and "peft" in ms:
+            s["peft_over_ours"] = ms["peft"] / ms["ours"]
+        out.append(s)
+    return out
+
+
+def decoder_section(b: Bench, parts: Parts, lp: LoraParts, cfg: dict) -> list[dict]:
+    """(f) One Llama-3-8B-shaped decoder layer (random weights), QLoRA on all 7 linear layers, forward +
+    backward (dX and every adapter gradient) under autocast: ours (quantize_model + methods.lora.apply)
+    vs PEFT over bitsandbytes 4-bit layers holding the same bytes. Both are checked against a float32 copy
+    of the layer whose linear weights are the dequantized 4-bit ones (PEFT LoRA over nn.Linear, float32)."""
+    import copy
+
+    dev, dtype, spec = b.device, cfg["dtype"], cfg["decoder"]
+    base = {"what": "LlamaDecoderLayer", **{k: spec[k] for k in ("hidden", "intermediate", "heads", "kv_heads",
+                                                                 "seq", "batch", "r")},
+            "dtype": str(dtype).replace("torch.", "")}
+    if lp.llama is None or lp.peft is None:
+        why = "transformers' Llama not importable" if lp.llama is None else "peft not importable (no reference)"
+        return [skip_row(dict(base, impl=i), why) for i in ("ours", "peft")]
+    LlamaConfig, LlamaDecoderLayer, LlamaRotaryEmbedding = lp.llama
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    r = spec["r"]
+    alpha = 2 * r
+    lcfg = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+                       num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], num_hidden_layers=1,
+                       vocab_size=128, max_position_embeddings=spec["seq"])
+    lcfg._attn_implementation = "sdpa"  # causal without a mask; same kernel family for every row
+    with torch.device(dev):
+        dense = LlamaDecoderLayer(lcfg, layer_idx=0).to(dtype)
+        rotary = LlamaRotaryEmbedding(lcfg)
+    dense.train()  # no dropout in Llama; bnb's CPU layers must stay in train mode (dry run)
+    ref_layer = copy.deepcopy(dense).float()
+    rows, notes = [], []
+    models = {}
+    # bitsandbytes copy: every nn.Linear replaced by bnb's Linear4bit over the same weight.
+    if parts.bnb is not None:
+        theirs = copy.deepcopy(dense)
+        for name, mod in list(theirs.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                setattr(theirs.get_submodule(parent), child, _bnb_linear4bit(parts, mod, dtype, dev))
+        models["peft"] = theirs
+    ours = dense
+    if lp.quantize_model is not None and lp.LoraLinear is not None:
+        lp.quantize_model(ours)
+        models["ours"] = ours
+        # The reference computes with exactly the 4-bit weights, dequantized to float32.
+        with torch.no_grad():
+            for name in [n for n, m in ours.named_modules() if n.rsplit(".", 1)[-1] in targets]:
+                ref_layer.get_submodule(name).weight.copy_(ours.get_submodule(name).dequantize(torch.float32))
+        if "peft" in models:
+            same = all(torch.equal(models["peft"].get_submodule(nm).weight.data.reshape(-1),
+                                   ours.get_submodule(nm).weight.reshape(-1))
+                       for nm, m in ours.named_modules() if nm.rsplit(".", 1)[-1] in targets)
+            base["bnb_bytes_equal_ours"] = same
+        lp.apply(ours, lp.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    else:
+        # Without our modules the reference keeps bnb's dequantized weights (same bytes either way).
+        if "peft" in models:
+            with torch.no_grad():
+                for name, m in models["peft"].named_modules():
+                    if isinstance(m, parts.bnb.nn.Linear4bit):
+                        w = parts.bnbF.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+                        ref_layer.get_submodule(name).weight.copy_(w)
+        notes.append("peft_kernels LoRA / quantize_model not importable")
+    ref_pm, ref_inner = _peft_wrap(lp, ref_layer, targets, r, alpha, loaded_in_4bit=False)
+    wrapped = {"ref": (ref_pm, ref_inner)}
+    if "peft" in models:
+        wrapped["peft"] = _peft_wrap(lp, models["peft"], targets, r, alpha, loaded_in_4bit=True)
+        qtype = type(wrapped["peft"][1].self_attn.q_proj)
+        base["peft_layer"] = f"{qtype.__module__}.{qtype.__name__}"
+    if "ours" in models:
+        wrapped["ours"] = (ours, ours)
+    # One set of adapter values for all: A from our init (or PEFT's), B random and non-zero.
+    names = [n for n, m in ref_inner.named_modules() if n.rsplit(".", 1)[-1] in targets]
+    src = wrapped["ours" if "ours" in wrapped else "ref"][1]
+    params = {key: [] for key in wrapped}
+    with torch.no_grad():
+        for nm in names:
+            a = src.get_submodule(nm).lora_A["default"].weight.detach().float().clone()
+            n_out = src.get_submodule(nm).lora_B["default"].weight.shape[0]
+            bm = torch.randn(n_out, r, device=dev) / (2 * r ** 0.5)
+            for key, (_, inner) in wrapped.items():
+                layer = inner.get_submodule(nm)
+                layer.lora_A["default"].weight.copy_(a)
+                layer.lora_B["default"].weight.copy_(bm)
+                params[key] += [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    shape = (spec["batch"], spec["seq"], spec["hidden"])
+    x = torch.randn(shape, device=dev, dtype=dtype)
+    dy = torch.randn(shape, device=dev, dtype=dtype)
+    pos = torch.arange(spec["seq"], device=dev)[None].expand(spec["batch"], -1)
+    cos, sin = rotary(x.float(), pos)
+
+    def make_step(key, run_dtype):
+        model = wrapped[key][0]
+        xin = x.to(run_dtype).requires_grad_(True)
+        pe = (cos.to(run_dtype), sin.to(run_dtype))
+        dyin = dy.to(run_dtype)
+
+        def step():
+            with torch.autocast(dev.type, dtype=dtype, enabled=key != "ref"):
+                out = model(xin, position_ids=pos, position_embeddings=pe)
+            out = out[0] if isinstance(out, tuple) else out
+            return (out, *torch.autograd.grad(out, [xin] + params[key], dyin))
+        return step
+
+    ref_out = make_step("ref", torch.float32)()
+    ref = {"y": ref_out[0].detach(), "dx": ref_out[1], "dA": torch.cat([g.reshape(-1) for g in ref_out[2::2]]),
+           "dB": torch.cat([g.reshape(-1) for g in ref_out[3::2]])}
+    del ref_out
+
+    def check(o):
+        # dA / dB: the 7 layers' gradients concatenated, one relative error each (per-layer ones of the
+        # attention projections are tiny and noisy in 16-bit; the policy bound applies to the whole).
+        got_a = torch.cat([g.reshape(-1).float() for g in o[2::2]])
+        got_b = torch.cat([g.reshape(-1).float() for g in o[3::2]])
+        return {"rel_err_y": rel_err(o[0], ref["y"]), "rel_err_dx": rel_err(o[1], ref["dx"]),
+                "rel_err_dA": rel_err(got_a, ref["dA"]), "rel_err_dB": rel_err(got_b, ref["dB"])}
+
+    tokens = spec["batch"] * spec["seq"]
+    for impl in ("ours", "peft"):
+        row_base = dict(base, impl=impl)
+        if impl not in wrapped:
+            rows.append(skip_row(row_base, notes[0] if impl == "ours" and notes else
+                                 "bitsandbytes or peft not importable"))
+            continue
+        row = b.row(row_base, make_step(impl, dtype), check, tol=TOL[dtype])
+        if row.get("status") == "ok":
+            row["tokens_per_s"] = tokens / (row["ms"] / 1e3)
+        rows.append(row)
+    del wrapped, models, ref, x, dy, ref_layer, dense
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decoder_summary(rows: list[dict]) -> dict:
+    ms = {r["impl"]: r["ms"] for r in rows if r.get("status") == "ok"}
+    out = {f"{i}_ms": v for i, v in ms.items()}
+    if "ours" in ms and "peft" in ms:
+        out["peft_over_ours"] = ms["peft"] / ms["ours"]
+    return out
+
+
 # ------------------------------------------------------------------ metadata
 def metadata(args, device: torch.device, cfg: dict, b: Bench, parts: Parts) -> dict:
     meta = {
@@ -659,10 +1012,42 @@ def render(res: dict) -> str:
                 faster = "fused" if fu["ms"] < ws["ms"] else "workspace"
             lines.append(f"| {k}->{n} | {mm_} | {kern} | {_cell(fu, 'ms', '.4f')} ({fu.get('config')}) | "
                          f"{_cell(ws, 'ms', '.4f')} | {fu.get('auto_path', '—')} | {faster} |")
+    lines += render_lora(res)
     if res["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
     lines += ["", f"Suite time {res['elapsed_s']:.0f} s."]
     return "\n".join(lines)
+
+
+def render_lora(res: dict) -> list[str]:
+    """Tables (e) and (f)."""
+    m = res["meta"]
+    lines = ["", f"### (e) LoRA linear fwd + bwd (dX, dA, dB), autocast {m['dtype']}: ms, ratios (ours/dense < 1: "
+             "faster than the dense limit; peft/ours > 1: faster than PEFT + bitsandbytes)", "",
+             "| K->N | r | M | dense ms | ours ms | peft ms | ours/dense | peft/ours | ours TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["k"], r["n"], r["r"], r["m"], r["impl"]): r for r in res["lora_fwd_bwd"]}
+    for s in res["lora_summary"]:
+        key = (s["k"], s["n"], s["r"], s["m"])
+        cell = {i: _cell(by.get(key + (i,), {"status": "—"}), "ms", ".3f") for i in ("dense", "ours", "peft")}
+        lines.append(f"| {s['k']}->{s['n']} | {s['r']} | {s['m']} | {cell['dense']} | {cell['ours']} | "
+                     f"{cell['peft']} | {_f(s.get('ours_over_dense'), '.2f')} | {_f(s.get('peft_over_ours'), '.2f')} | "
+                     f"{_cell(by.get(key + ('ours',), {}), 'tflops', '.0f', False)} |")
+    lines += ["", f"### (f) Llama-3-8B-shaped decoder layer, QLoRA r=16 on all linear layers, fwd + bwd, autocast "
+              f"{m['dtype']}", "",
+              "| impl | ms | tokens/s | rel err y / dX / dA / dB | note |", "|---|---|---|---|---|"]
+    for r in res["decoder_layer"]:
+        errs = " / ".join(_f(r.get(f"rel_err_{k}"), ".1e") for k in ("y", "dx", "dA", "dB"))
+        lines.append(f"| {r['impl']} | {_cell(r, 'ms', '.2f')} | {_cell(r, 'tokens_per_s', '.0f', False)} | {errs} | "
+                     f"{r.get('note', r.get('peft_layer', '')) if r['impl'] == 'peft' else r.get('note', '')} |")
+    if res["decoder_layer"]:
+        r0 = res["decoder_layer"][0]
+        lines.append("")
+        lines.append(f"Shape: hidden {r0.get('hidden')}, intermediate {r0.get('intermediate')}, {r0.get('heads')} "
+                     f"heads / {r0.get('kv_heads')} kv, seq {r0.get('seq')}, batch {r0.get('batch')}; peft/ours "
+                     f"{_f(res['decoder_summary'].get('peft_over_ours'), '.2f')}; same 4-bit bytes: "
+                     f"{r0.get('bnb_bytes_equal_ours', '—')}.")
+    return lines
 
 
 # ------------------------------------------------------------------ main
@@ -674,8 +1059,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON file, or a directory to get gpu_suite.json")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip rows started after this many seconds")
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
-    p.add_argument("--sections", default="a,b,c,d",
-                   help="comma list of a (dequant), b (fwd+bwd), c (M=1), d (fused/workspace crossover)")
+    p.add_argument("--sections", default="a,b,c,d,e,f",
+                   help="comma list of a (dequant), b (fwd+bwd), c (M=1), d (fused/workspace crossover), "
+                        "e (LoRA linear), f (decoder layer)")
     return p.parse_args(argv)
 
 
@@ -765,9 +1151,32 @@ def main(argv=None) -> int:
             progress(f"linear {k}->{n} done")
             save()
     res["linear_summary"] = linear_summary(res["linear_fwd_bwd"])
+    res["lora_fwd_bwd"], res["decoder_layer"] = [], []
+    if sections & {"e", "f"}:
+        lp = LoraParts()
+        res["notes"] += lp.notes
+        res["meta"].update(lp.versions)
+        # (f) first: one short, headline comparison that a spent budget should not drop.
+        for key, fn, label in (("f", decoder_section, "decoder layer"), ("e", lora_section, "LoRA linear")):
+            if key not in sections:
+                continue
+            try:
+                rows = fn(bench, parts, lp, cfg)
+            except Exception as e:  # building the models failed: one error row, the table still prints
+                rows = [{"impl": "setup", "k": 0, "n": 0, "r": 0, "m": 0, "status": "error",
+                         "note": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                         "traceback": traceback.format_exc(limit=6)}]
+            res["decoder_layer" if key == "f" else "lora_fwd_bwd"] = rows
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            progress(f"{label} done")
+            save()
+    res["lora_summary"] = lora_summary(res["lora_fwd_bwd"])
+    res["decoder_summary"] = decoder_summary(res["decoder_layer"])
     if bench.skipped_for_time:
         res["notes"].append(f"{bench.skipped_for_time} rows skipped: --budget-s {args.budget_s:g} spent")
-    bad = [r for sec in ("dequant", "gemv_m1", "linear_fwd_bwd", "crossover") for r in res[sec]
+    bad = [r for sec in ("dequant", "gemv_m1", "linear_fwd_bwd", "crossover", "lora_fwd_bwd", "decoder_layer")
+           for r in res[sec]
            if r.get("status") in ("FAIL", "error")]
     for r in bad:
         res["notes"].append(f"{r.get('status')}: {({k: v for k, v in r.items() if k != 'traceback'})}")

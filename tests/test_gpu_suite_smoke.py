@@ -15,17 +15,17 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("PEFT_KERNELS_BACKEND", None)
-    # ~10 s on 2 cores; the timeout only stops a hang.
+    # ~15 s on 2 idle cores (sections a-f); the timeout only stops a hang.
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "gpu_suite.json").read_text()), proc.stdout, out
 
 
 def test_sections_and_metadata(dry_run):
     res, _, _ = dry_run
-    for key in ("meta", "ceilings", "dequant", "linear_fwd_bwd", "linear_summary", "gemv_m1", "crossover", "notes",
-                "ok"):
+    for key in ("meta", "ceilings", "dequant", "linear_fwd_bwd", "linear_summary", "gemv_m1", "crossover",
+                "lora_fwd_bwd", "lora_summary", "decoder_layer", "decoder_summary", "notes", "ok"):
         assert key in res, key
     assert res["ok"] is True
     meta = res["meta"]
@@ -71,6 +71,48 @@ def test_bnb_columns(dry_run):
 def test_table_printed_last_and_saved(dry_run):
     _, stdout, out = dry_run
     table = stdout[stdout.index("## peft_kernels GPU suite"):]
-    for heading in ("Ceilings:", "### (a)", "### (b)", "### (c)"):
+    for heading in ("Ceilings:", "### (a)", "### (b)", "### (c)", "### (e)", "### (f)"):
         assert heading in table
     assert (out / "gpu_suite.md").read_text().strip() == table.strip()
+
+
+def _peft_and_bnb() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def test_lora_linear_section(dry_run):
+    res, _, _ = dry_run
+    rows = res["lora_fwd_bwd"]
+    assert not [r for r in rows if r["status"] in ("FAIL", "error")]
+    assert {r["r"] for r in rows} == {8, 16, 64} and len({(r["k"], r["n"]) for r in rows}) == 2
+    # Every timed row checked y and the three gradients (dX, dA, dB).
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and all(f"rel_err_{k}" in r for k in ("y", "dx", "dA", "dB")), r
+    ok = {r["impl"] for r in rows if r["status"] == "ok"}
+    assert {"ours", "dense"} <= ok
+    peft_rows = [r for r in rows if r["impl"] == "peft"]
+    if _peft_and_bnb():
+        assert peft_rows and all(r["status"] == "ok" for r in peft_rows)
+        assert all("peft_over_ours" in s and "ours_over_dense" in s for s in res["lora_summary"])
+    else:
+        assert all(r["status"] == "skip" and r["note"] for r in peft_rows)
+
+
+def test_decoder_layer_section(dry_run):
+    res, _, _ = dry_run
+    rows = {r["impl"]: r for r in res["decoder_layer"]}
+    assert rows["ours"]["status"] == "ok", rows["ours"]
+    assert all(f"rel_err_{k}" in rows["ours"] for k in ("y", "dx", "dA", "dB"))
+    if _peft_and_bnb():
+        assert rows["peft"]["status"] == "ok", rows["peft"]
+        assert rows["peft"]["peft_layer"].startswith("peft.tuners.lora.bnb")  # PEFT's QLoRA layer, not plain
+        assert rows["ours"]["bnb_bytes_equal_ours"] is True
+        assert res["decoder_summary"]["peft_over_ours"] > 0
+    else:
+        assert rows["peft"]["status"] == "skip"
