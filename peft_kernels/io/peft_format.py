@@ -388,7 +388,7 @@ def _plan_load(root: nn.Module, directory: Path, adapter_name: str) -> _Plan:
 
     # 3. The config targets exactly the modules the file has tensors for.
     try:
-        targeted = set(lora_methods._resolve_targets(root, cfg))
+        targeted = set(lora_methods.resolve_targets(root, cfg))
     except ValueError as e:
         raise AdapterLoadError(f"{directory / CONFIG_NAME}: {e}") from None
     if existing:

@@ -263,7 +263,7 @@ def _matches(cfg: LoraConfig, targets, key: str) -> bool:
     return idx == lt if isinstance(lt, int) else idx in lt
 
 
-def _resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
+def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Full names of the modules ``cfg`` targets in ``model``; raises if it targets nothing or a non-linear."""
     cands = _candidate_modules(model)
     targets = cfg.target_modules
@@ -336,7 +336,7 @@ def _inject(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> None:
     if str(cfg.task_type or "").upper() == "SEQ_CLS":
         # As PEFT's PeftModelForSequenceClassification: the (new) classification head trains in full.
         cfg = dataclasses.replace(cfg, modules_to_save=list(cfg.modules_to_save or []) + list(SEQ_CLS_HEAD_NAMES))
-    targets = _resolve_targets(model, cfg)  # raises before anything changes
+    targets = resolve_targets(model, cfg)  # raises before anything changes
     mts = []
     if cfg.modules_to_save:
         keys = [n for n, _ in _candidate_modules(model)]
