@@ -14,12 +14,11 @@ are torch's own pool (both bind libgomp.so.1), capped at ``torch.get_num_threads
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from pathlib import Path
 
 import torch
 
+from ._clib import CLibrary
 from .._checks import check_tensor
 from ..quant.codes import VALID_BLOCKSIZES
 
@@ -40,17 +39,6 @@ ERROR_MESSAGES = {
     3: "numel must be > 0",
     4: "unsupported output dtype",
 }
-
-_lock = threading.Lock()
-_state: dict = {"done": False, "lib": None, "reason": None}
-
-
-def library_path() -> Path:
-    """Where :func:`load` looks: ``$PEFT_KERNELS_CPU_LIB`` or the package's ``_cpu/`` folder."""
-    override = os.environ.get(ENV_LIB, "").strip()
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "_cpu" / LIB_NAME
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -74,48 +62,30 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_cpu_dequantize_4bit_nested.restype = c.c_int
 
 
-def _open() -> tuple[ctypes.CDLL | None, str | None]:
-    path = library_path()
-    how = f"${ENV_LIB}" if os.environ.get(ENV_LIB, "").strip() else "the package's _cpu/ folder"
-    if not path.is_file():
-        return None, (f"CPU C library not found at {path} (from {how}); build it with "
-                      f"`python -c 'import peft_kernels.csrc_build as b; b.build_cpu()'` or reinstall "
-                      f"with a C compiler on PATH")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"cannot load CPU C library {path}: {e}"
-    try:
-        _declare(lib)
-    except AttributeError as e:
-        return None, f"CPU C library {path} lacks a C ABI symbol ({e}); rebuild it"
-    version = lib.pk_cpu_version()
-    if version != ABI_VERSION:
-        return None, (f"CPU C library {path} has ABI version {version} but this peft_kernels expects "
-                      f"{ABI_VERSION}; rebuild it")
-    return lib, None
+_LIB = CLibrary(what="CPU C library", env_var=ENV_LIB, folder="_cpu", lib_name=LIB_NAME,
+                abi_version=ABI_VERSION, declare=_declare, version_symbol="pk_cpu_version",
+                build_hint="build it with `python -c 'import peft_kernels.csrc_build as b; b.build_cpu()'` "
+                           "or reinstall with a C compiler on PATH")
+
+
+def library_path() -> Path:
+    """Where :func:`load` looks: ``$PEFT_KERNELS_CPU_LIB`` or the package's ``_cpu/`` folder."""
+    return _LIB.path()
 
 
 def load() -> ctypes.CDLL | None:
     """The loaded library (cached), or None when unavailable; see :func:`unavailable_reason`."""
-    if not _state["done"]:
-        with _lock:
-            if not _state["done"]:
-                _state["lib"], _state["reason"] = _open()
-                _state["done"] = True
-    return _state["lib"]
+    return _LIB.load()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`load` returns None (None when the library is loaded)."""
-    load()
-    return _state["reason"]
+    return _LIB.unavailable_reason()
 
 
 def clear_cache() -> None:
     """Forget the cached load result so the next :func:`load` looks again (tests; a changed env var)."""
-    with _lock:
-        _state.update(done=False, lib=None, reason=None)
+    _LIB.clear_cache()
 
 
 def isa() -> str | None:

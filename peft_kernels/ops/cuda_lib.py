@@ -13,12 +13,11 @@ enqueue the kernel on torch's current stream of the tensors' device.
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
 from pathlib import Path
 
 import torch
 
+from ._clib import CLibrary
 from .._checks import check_same_device, check_tensor
 from ..quant.codes import VALID_BLOCKSIZES
 
@@ -40,17 +39,6 @@ ERROR_MESSAGES = {
     5: "CUDA kernel launch failed",
 }
 
-_lock = threading.Lock()
-_state: dict = {"done": False, "lib": None, "reason": None}
-
-
-def library_path() -> Path:
-    """Where :func:`load` looks: ``$PEFT_KERNELS_CUDA_LIB`` or the package's ``_cuda/`` folder."""
-    override = os.environ.get(ENV_LIB, "").strip()
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parent.parent / "_cuda" / LIB_NAME
-
 
 def _declare(lib: ctypes.CDLL) -> None:
     c = ctypes
@@ -65,55 +53,30 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pk_dequantize_4bit.restype = c.c_int
 
 
-def _open() -> tuple[ctypes.CDLL | None, str | None]:
-    path = library_path()
-    how = f"${ENV_LIB}" if os.environ.get(ENV_LIB, "").strip() else "the package's _cuda/ folder"
-    if not path.is_file():
-        return None, (f"CUDA C library not found at {path} (from {how}); build it with "
-                      f"`python -c 'import peft_kernels.csrc_build as b; b.build()'` or reinstall with nvcc on PATH")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"cannot load CUDA C library {path}: {e}"
-    try:
-        _declare(lib)
-    except AttributeError as e:
-        return None, f"CUDA C library {path} lacks a C ABI symbol ({e}); rebuild it"
-    version = lib.pk_version()
-    if version != ABI_VERSION:
-        return None, (f"CUDA C library {path} has ABI version {version} but this peft_kernels expects "
-                      f"{ABI_VERSION}; rebuild it")
-    return lib, None
+_LIB = CLibrary(what="CUDA C library", env_var=ENV_LIB, folder="_cuda", lib_name=LIB_NAME,
+                abi_version=ABI_VERSION, declare=_declare, version_symbol="pk_version",
+                build_hint="build it with `python -c 'import peft_kernels.csrc_build as b; b.build()'` "
+                           "or reinstall with nvcc on PATH")
+
+
+def library_path() -> Path:
+    """Where :func:`load` looks: ``$PEFT_KERNELS_CUDA_LIB`` or the package's ``_cuda/`` folder."""
+    return _LIB.path()
 
 
 def load() -> ctypes.CDLL | None:
-    """The loaded library (cached), or None when unavailable; see :func:`unavailable_reason`.
-
-    Loading needs no GPU (the CUDA runtime inside is linked statically and finds
-    the driver at the first kernel launch).
-    """
-    if not _state["done"]:
-        with _lock:
-            if not _state["done"]:
-                _state["lib"], _state["reason"] = _open()
-                _state["done"] = True
-    return _state["lib"]
+    """The loaded library (cached), or None when unavailable; see :func:`unavailable_reason`."""
+    return _LIB.load()
 
 
 def unavailable_reason() -> str | None:
     """Why :func:`load` returns None (None when the library is loaded)."""
-    load()
-    return _state["reason"]
+    return _LIB.unavailable_reason()
 
 
 def clear_cache() -> None:
-    """Forget the cached load result so the next :func:`load` looks again (tests; a changed env var).
-
-    A library once loaded stays mapped: dlopen hands back the same copy for the
-    same path, so a library rebuilt in place takes effect in a new process.
-    """
-    with _lock:
-        _state.update(done=False, lib=None, reason=None)
+    """Forget the cached load result so the next :func:`load` looks again (tests; a changed env var)."""
+    _LIB.clear_cache()
 
 
 def _raise_for(lib: ctypes.CDLL, fn: str, rc: int) -> None:
