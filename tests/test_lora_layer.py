@@ -629,3 +629,36 @@ def test_bad_inputs_raise_clear_errors():
         LoraLinear(nn.Conv2d(3, 3, 1))
     with pytest.raises(ValueError, match="merge mode"):
         layer.merge(mode="fast")
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_eager_fast_path_equals_the_custom_op_path(monkeypatch, four_bit):
+    """Eager calls skip torch.library dispatch (an autograd.Function over the same bodies);
+    outputs, every gradient and the saved tensors must be identical to the op path's."""
+    import peft_kernels.ops.lora as ops_lora
+
+    def run(force_op):
+        torch.manual_seed(3)
+        base = nn.Linear(40, 24)
+        if four_bit:
+            base = Linear4bit.from_linear(base, blocksize=32)
+        layer = LoraLinear(base, r=4, lora_alpha=8, lora_dropout=0.2, use_dora=True, init_lora_weights=False)
+        layer.add_adapter("b", r=3, lora_alpha=3, init_lora_weights=False)
+        layer.set_adapter(["default", "b"])
+        layer.train()
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: force_op)
+        x = torch.randn(5, 40, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.shape, t.dtype)) or t,
+                                                      lambda t: t):
+            y = layer(x)
+        y.square().sum().backward()
+        grads = [x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+        return y.detach(), grads, saved
+
+    y_fast, g_fast, s_fast = run(False)
+    y_op, g_op, s_op = run(True)
+    assert torch.equal(y_fast, y_op)
+    assert len(g_fast) == len(g_op) and all(torch.equal(a, b) for a, b in zip(g_fast, g_op))
+    assert s_fast == s_op
+    assert ops_lora.lora_linear_4bit is not ops_lora.lora_linear_4bit_op  # two paths really exist

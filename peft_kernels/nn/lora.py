@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from ..ops.lora import (absent, dora_weight_norm_4bit_op, dora_weight_norm_dense_op, lora_linear_4bit_op,
-                        lora_linear_dense_op)
+from ..ops.lora import (absent, dora_weight_norm_4bit_op, dora_weight_norm_dense_op, lora_linear_4bit,
+                        lora_linear_dense)
 from .linear4bit import Linear4bit
 
 MERGE_MODES = ("exact", "requantize", "dequantize")
@@ -390,13 +390,12 @@ class LoraLinear(nn.Module):
         if self._kind == "4bit":
             qs = base.quant_state
             n = qs.nested
-            y, _ = lora_linear_4bit_op(xc, base.weight, qs.absmax, qs.code, None if n is None else n.absmax,
-                                       None if n is None else n.code, 0.0 if n is None else float(n.offset),
-                                       qs.blocksize, self.out_features, bias, lora_a, lora_b, lora_bias, scales,
-                                       masks, ps, gs)
+            y, _ = lora_linear_4bit(xc, base.weight, qs.absmax, qs.code, None if n is None else n.absmax,
+                                    None if n is None else n.code, 0.0 if n is None else float(n.offset),
+                                    qs.blocksize, self.out_features, bias, lora_a, lora_b, lora_bias, scales,
+                                    masks, ps, gs)
             return y if y.dtype == in_dtype else y.to(in_dtype)
-        y, _ = lora_linear_dense_op(xc, self._dense_weight(), bias, lora_a, lora_b, lora_bias, scales, masks, ps,
-                                    gs)
+        y, _ = lora_linear_dense(xc, self._dense_weight(), bias, lora_a, lora_b, lora_bias, scales, masks, ps, gs)
         return y
 
     # ------------------------------------------------------------------ merge

@@ -36,6 +36,10 @@ For one DoRA adapter this is exactly PEFT 0.21's ``(g-1)·drop(x)Wᵀ + g·L`` a
 Saved for backward: x, the masks (bool) and ``xa`` (the second output, [M, Σ r_i], unscaled), plus the
 layer's own parameters and buffers (no new memory) — never a dequantized W and never dY-sized products.
 
+Callers use :func:`lora_linear_dense` / :func:`lora_linear_4bit`: eagerly a ``torch.autograd.Function`` that
+runs the same op bodies and saves the same tensors without the torch.library dispatch (per-call overhead that
+matters on CPU at small M); under torch.compile the custom ops themselves.
+
 Backends: CPU tensors run plain torch (the ``reference`` computation; the 4-bit W dequantized by the CPU C
 library when it loads, bit-identical to the reference's); CUDA tensors (or ``PEFT_KERNELS_BACKEND=triton``
 with ``TRITON_INTERPRET=1``) run the fused 4-bit Triton kernels of ``kernels/lora.py``. A dense base
@@ -295,6 +299,24 @@ def _lora_backward(base, dy: Tensor, x: Optional[Tensor], xa: Tensor, lora_A, lo
     return dx, d_w, d_bias, d_a, d_b, d_lb, d_g
 
 
+# ------------------------------------------------------------------ op bodies (plain functions)
+# The custom ops below and the eager autograd.Functions (:func:`lora_linear_dense` / :func:`lora_linear_4bit`)
+# both run exactly these.
+def _dense_forward_impl(x, weight, bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale):
+    with torch.autocast(x.device.type, enabled=False):
+        return _lora_forward(_DenseBase(weight, x.dtype), x, bias, lora_A, lora_B, _opt(lora_bias), scales,
+                             _opt(masks), dropout_p, _opt(dora_scale))
+
+
+def _q4_forward_impl(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features,
+                     bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale):
+    base = _QuantBase(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features,
+                      x.shape[-1], x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        return _lora_forward(base, x, bias, lora_A, lora_B, _opt(lora_bias), scales, _opt(masks), dropout_p,
+                             _opt(dora_scale))
+
+
 # ------------------------------------------------------------------ dense base op
 @torch.library.custom_op("peft_kernels::lora_linear_dense", mutates_args=())
 def lora_linear_dense_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: list[Tensor],
@@ -302,9 +324,7 @@ def lora_linear_dense_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
                          masks: list[Tensor], dropout_p: list[float],
                          dora_scale: list[Tensor]) -> tuple[Tensor, Tensor]:
     """LoRA over a dense W [N, K]: x [..., K] -> (y [..., N] in x.dtype, xa [M, Σr] in x.dtype)."""
-    with torch.autocast(x.device.type, enabled=False):
-        return _lora_forward(_DenseBase(weight, x.dtype), x, bias, lora_A, lora_B, _opt(lora_bias), scales,
-                             _opt(masks), dropout_p, _opt(dora_scale))
+    return _dense_forward_impl(x, weight, bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale)
 
 
 @lora_linear_dense_op.register_fake
@@ -321,11 +341,8 @@ def lora_linear_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor,
                         lora_bias: list[Tensor], scales: list[float], masks: list[Tensor],
                         dropout_p: list[float], dora_scale: list[Tensor]) -> tuple[Tensor, Tensor]:
     """LoRA over a 4-bit W [out_features, K]: x [..., K] -> (y [..., N] in x.dtype, xa [M, Σr] in x.dtype)."""
-    base = _QuantBase(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features,
-                      x.shape[-1], x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        return _lora_forward(base, x, bias, lora_A, lora_B, _opt(lora_bias), scales, _opt(masks), dropout_p,
-                             _opt(dora_scale))
+    return _q4_forward_impl(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                            out_features, bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale)
 
 
 @lora_linear_4bit_op.register_fake
@@ -370,14 +387,29 @@ def _grads_fake(dy, x, lora_A, lora_B, lora_bias, dora_scale, need_x, need_w, ne
             [g.new_empty(g.shape) if has_x and g.numel() else g.new_empty((0,)) for g in dora_scale])
 
 
+def _dense_backward_impl(dy, x, xa, weight, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale,
+                         need_x, need_w, need_bias):
+    return _grads_impl(_DenseBase(weight, dy.dtype), dy, x, xa, lora_A, lora_B, lora_bias, scales, masks,
+                       dropout_p, dora_scale, need_x, need_w, need_bias, weight.shape[1], weight.dtype)
+
+
+def _q4_backward_impl(dy, x, xa, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                      in_features, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale, need_x,
+                      need_bias):
+    base = _QuantBase(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, dy.shape[-1],
+                      in_features, dy.device)
+    return _grads_impl(base, dy, x, xa, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale, need_x,
+                       False, need_bias, in_features, dy.dtype)
+
+
 @torch.library.custom_op("peft_kernels::lora_linear_dense_backward", mutates_args=())
 def lora_linear_dense_backward_op(dy: Tensor, x: Optional[Tensor], xa: Tensor, weight: Tensor, lora_A: list[Tensor],
                                   lora_B: list[Tensor], lora_bias: list[Tensor], scales: list[float],
                                   masks: list[Tensor], dropout_p: list[float], dora_scale: list[Tensor],
                                   need_x: bool, need_w: bool, need_bias: bool) -> _GradsT:
     """(dx, dW, dbias, dA[], dB[], dlora_bias[], dg[]) of :func:`lora_linear_dense_op` (empty when not needed)."""
-    return _grads_impl(_DenseBase(weight, dy.dtype), dy, x, xa, lora_A, lora_B, lora_bias, scales, masks,
-                       dropout_p, dora_scale, need_x, need_w, need_bias, weight.shape[1], weight.dtype)
+    return _dense_backward_impl(dy, x, xa, weight, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale,
+                                need_x, need_w, need_bias)
 
 
 @lora_linear_dense_backward_op.register_fake
@@ -394,10 +426,9 @@ def lora_linear_4bit_backward_op(dy: Tensor, x: Optional[Tensor], xa: Tensor, pa
                                  masks: list[Tensor], dropout_p: list[float], dora_scale: list[Tensor],
                                  need_x: bool, need_bias: bool) -> _GradsT:
     """(dx, empty, dbias, dA[], dB[], dlora_bias[], dg[]) of :func:`lora_linear_4bit_op`."""
-    base = _QuantBase(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, dy.shape[-1],
-                      in_features, dy.device)
-    return _grads_impl(base, dy, x, xa, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale, need_x,
-                       False, need_bias, in_features, dy.dtype)
+    return _q4_backward_impl(dy, x, xa, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                             in_features, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale, need_x,
+                             need_bias)
 
 
 @lora_linear_4bit_backward_op.register_fake
@@ -447,13 +478,19 @@ def _dense_setup(ctx, inputs, output):
                  weight.requires_grad)
 
 
-def _dense_backward(ctx, grad_y, grad_xa):
+def _dense_grads(ctx, grad_y, backward_fn):
+    """(dx, dW, dbias, dA[], dB[], dlora_bias[], dg[]) with None where not needed; ``backward_fn`` is the
+    backward op (op path) or its body (eager path). ``needs_input_grad`` indices 0-2: x, weight, bias."""
     x, xa, (weight,), lora_A, lora_B, lora_bias, masks, dora_scale = _unpack_common(ctx)
     need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-    grads = lora_linear_dense_backward_op(grad_y.to(ctx.x_dtype), x, xa, weight, lora_A, lora_B, lora_bias,
-                                          ctx.scales, masks, ctx.dropout_p, dora_scale, ctx.needs_input_grad[0],
-                                          ctx.needs_input_grad[1] and x is not None, need_bias)
-    dx, dw, db, da, dbb, dlb, dg = _finish(ctx, *grads)
+    grads = backward_fn(grad_y.to(ctx.x_dtype), x, xa, weight, lora_A, lora_B, lora_bias, ctx.scales, masks,
+                        ctx.dropout_p, dora_scale, ctx.needs_input_grad[0],
+                        ctx.needs_input_grad[1] and x is not None, need_bias)
+    return _finish(ctx, *grads)
+
+
+def _dense_backward(ctx, grad_y, grad_xa):
+    dx, dw, db, da, dbb, dlb, dg = _dense_grads(ctx, grad_y, lora_linear_dense_backward_op)
     return dx, dw, db, da, dbb, dlb, None, [None] * ctx.n, None, dg
 
 
@@ -468,18 +505,105 @@ def _q4_setup(ctx, inputs, output):
     ctx.nested_offset, ctx.blocksize = nested_offset, blocksize
 
 
-def _q4_backward(ctx, grad_y, grad_xa):
+def _q4_grads(ctx, grad_y, backward_fn):
+    """As :func:`_dense_grads` for the 4-bit base (``needs_input_grad`` index 0: x, 9: bias)."""
     x, xa, (packed, absmax, code, nabs, ncode), lora_A, lora_B, lora_bias, masks, dora_scale = _unpack_common(ctx)
     need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[9]
-    grads = lora_linear_4bit_backward_op(grad_y.to(ctx.x_dtype), x, xa, packed, absmax, code, nabs, ncode,
-                                         ctx.nested_offset, ctx.blocksize, ctx.k, lora_A, lora_B, lora_bias,
-                                         ctx.scales, masks, ctx.dropout_p, dora_scale, ctx.needs_input_grad[0],
-                                         need_bias)
-    dx, _, db, da, dbb, dlb, dg = _finish(ctx, *grads)
+    grads = backward_fn(grad_y.to(ctx.x_dtype), x, xa, packed, absmax, code, nabs, ncode, ctx.nested_offset,
+                        ctx.blocksize, ctx.k, lora_A, lora_B, lora_bias, ctx.scales, masks, ctx.dropout_p,
+                        dora_scale, ctx.needs_input_grad[0], need_bias)
+    return _finish(ctx, *grads)
+
+
+def _q4_backward(ctx, grad_y, grad_xa):
+    dx, _, db, da, dbb, dlb, dg = _q4_grads(ctx, grad_y, lora_linear_4bit_backward_op)
     return (dx, None, None, None, None, None, None, None, None, db, da, dbb, dlb, None, [None] * ctx.n, None, dg)
 
 
 lora_linear_4bit_op.register_autograd(_q4_backward, setup_context=_q4_setup)
+
+
+# ------------------------------------------------------------------ eager fast path
+# Outside torch.compile, a torch.library op call pays for dispatch, schema checks and list flattening in the
+# forward and again for the backward op: on CPU at small M that overhead rivals the math. These Functions run
+# the same op bodies, save the same tensors (via the same setup_context) and call the backward op's body
+# directly. The adapter lists travel as flat positional tensors (so autograd tracks each) after a ``meta``
+# tuple (n, scales, dropout_p); the leading arguments keep the ops' positions, so ``needs_input_grad`` indices
+# (x 0, weight 1, bias 2 dense; bias 9 4-bit) are shared with the op path's backward.
+def _pack(lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale):
+    return (len(lora_A), tuple(scales), tuple(dropout_p)), (*lora_A, *lora_B, *lora_bias, *masks, *dora_scale)
+
+
+def _unpack(meta, flat):
+    n, scales, dropout_p = meta
+    return (list(flat[:n]), list(flat[n:2 * n]), list(flat[2 * n:3 * n]), list(scales), list(flat[3 * n:4 * n]),
+            list(dropout_p), list(flat[4 * n:5 * n]))
+
+
+def _flat_grads(ctx, da, dbb, dlb, dg):
+    return (None, *da, *dbb, *dlb, *([None] * ctx.n), *dg)
+
+
+class _LoraDenseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta, *flat):
+        lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale = _unpack(meta, flat)
+        inputs = (x, weight, bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale)
+        out = _dense_forward_impl(*inputs)
+        _dense_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_xa):
+        dx, dw, db, da, dbb, dlb, dg = _dense_grads(ctx, grad_y, _dense_backward_impl)
+        return (dx, dw, db, *_flat_grads(ctx, da, dbb, dlb, dg))
+
+
+class _Lora4bitFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features,
+                bias, meta, *flat):
+        lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale = _unpack(meta, flat)
+        inputs = (x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features, bias,
+                  lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale)
+        out = _q4_forward_impl(*inputs)
+        _q4_setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_xa):
+        dx, _, db, da, dbb, dlb, dg = _q4_grads(ctx, grad_y, _q4_backward_impl)
+        return (dx, None, None, None, None, None, None, None, None, db, *_flat_grads(ctx, da, dbb, dlb, dg))
+
+
+def lora_linear_dense(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: list[Tensor],
+                      lora_B: list[Tensor], lora_bias: list[Tensor], scales: list[float], masks: list[Tensor],
+                      dropout_p: list[float], dora_scale: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`lora_linear_dense_op` (same arguments, results and saved tensors); eagerly without the
+    torch.library dispatch, the op itself under torch.compile."""
+    if torch.compiler.is_compiling():
+        return lora_linear_dense_op(x, weight, bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p,
+                                    dora_scale)
+    meta, flat = _pack(lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale)
+    return _LoraDenseFn.apply(x, weight, bias, meta, *flat)
+
+
+def lora_linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
+                     nested_code: Optional[Tensor], nested_offset: float, blocksize: int, out_features: int,
+                     bias: Optional[Tensor], lora_A: list[Tensor], lora_B: list[Tensor], lora_bias: list[Tensor],
+                     scales: list[float], masks: list[Tensor], dropout_p: list[float],
+                     dora_scale: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`lora_linear_4bit_op` (same arguments, results and saved tensors); eagerly without the
+    torch.library dispatch, the op itself under torch.compile."""
+    if torch.compiler.is_compiling():
+        return lora_linear_4bit_op(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                                   out_features, bias, lora_A, lora_B, lora_bias, scales, masks, dropout_p,
+                                   dora_scale)
+    meta, flat = _pack(lora_A, lora_B, lora_bias, scales, masks, dropout_p, dora_scale)
+    return _Lora4bitFn.apply(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
+                             out_features, bias, meta, *flat)
 
 
 # ------------------------------------------------------------------ DoRA weight norms (no autograd: detached)
