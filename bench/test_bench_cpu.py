@@ -21,10 +21,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_kernels.nn import Linear4bit
 from peft_kernels.ops import backend, reference
 from peft_kernels.ops.functional import dequantize
 from peft_kernels.quant import quantize_4bit
+from _frozen_bases import frozen_bases
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -133,23 +133,7 @@ def test_dequantize(benchmark, monkeypatch, impl, quantized):
 @pytest.fixture(scope="module")
 def layers():
     """Ours, bnb and dense layers over one fp32 weight (4-bit layers share identical bytes)."""
-    torch.manual_seed(3)
-    dense = torch.nn.Linear(K, N, bias=False)
-    dense.weight.requires_grad_(False)  # frozen base: only the input gradient is computed
-    ours = Linear4bit.from_linear(dense)
-    # bitsandbytes' supported CPU route: load the dense weight, then .to(device)
-    # quantizes it (Params4bit._quantize). It stays in train mode: after an
-    # eval-mode no-grad CPU forward bnb repacks the weight into a CPU-only layout.
-    theirs = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.float32, compress_statistics=True,
-                               quant_type="nf4")
-    theirs.load_state_dict(dense.state_dict())
-    theirs = theirs.to("cpu")
-    theirs.train()
-    assert theirs.weight.bnb_quantized
-    assert torch.equal(theirs.weight.data.view(-1), ours.weight.view(-1)), "bnb and ours quantized differently"
-    qs = ours.quant_state
-    w_q = reference.dequantize_4bit(ours.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                    torch.float64).view(N, K)
+    dense, ours, theirs, w_q = frozen_bases(K, N, seed=3)
     return {"reference": (ours, w_q), "cpu-lib": (ours, w_q), "bnb": (theirs, w_q),
             "dense": (dense, dense.weight.double())}
 

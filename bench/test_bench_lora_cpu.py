@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from peft_kernels.nn import Linear4bit
-from peft_kernels.ops import backend, reference
+from peft_kernels.ops import backend
+from _frozen_bases import frozen_bases
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -126,22 +127,7 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> dict:
 @pytest.fixture(scope="module")
 def bases():
     """Frozen dense fp32 layer, ours and bnb 4-bit layers over identical bytes, and the float64 weights."""
-    torch.manual_seed(7)
-    dense = nn.Linear(K, N, bias=False)
-    dense.weight.requires_grad_(False)
-    ours = Linear4bit.from_linear(dense)
-    # bitsandbytes' CPU route as in test_bench_cpu.py: load the dense weight, .to() quantizes; stays in
-    # train mode (an eval-mode no-grad CPU forward repacks the weight into a CPU-only layout).
-    theirs = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.float32, compress_statistics=True,
-                               quant_type="nf4")
-    theirs.load_state_dict(dense.state_dict())
-    theirs = theirs.to("cpu")
-    theirs.train()
-    assert theirs.weight.bnb_quantized
-    assert torch.equal(theirs.weight.data.view(-1), ours.weight.view(-1)), "bnb and ours quantized differently"
-    qs = ours.quant_state
-    w_q = reference.dequantize_4bit(ours.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                    torch.float64).view(N, K)
+    dense, ours, theirs, w_q = frozen_bases(K, N, seed=7)
     return {"dense": dense, "ours": ours, "bnb": theirs, "w_q": w_q, "w_dense": dense.weight.double()}
 
 
