@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _dequant_checks import assert_bit_exact, random_weight
 from peft_kernels import csrc_build
 from peft_kernels.nn import Linear4bit
 from peft_kernels.ops import backend, cpu_lib, reference
@@ -34,7 +35,6 @@ NO_CC = "no C compiler: the CPU C library cannot be built on this machine"
 ABI_SYMBOLS = {"pk_cpu_dequantize_4bit", "pk_cpu_dequantize_4bit_nested", "pk_cpu_last_error", "pk_cpu_version",
                "pk_cpu_isa", "pk_cpu_set_max_isa", "pk_cpu_max_threads"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 MIN_ELEMS_PER_THREAD = 1 << 17  # PK_MIN_ELEMS_PER_THREAD in the C source
 
 
@@ -87,23 +87,6 @@ def _isa(lib, tier):
         lib.pk_cpu_set_max_isa(-1)
 
 
-def _random_weight(numel, blocksize, seed):
-    g = torch.Generator().manual_seed(seed)
-    packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g)
-    nblocks = -(-numel // blocksize)
-    absmax = torch.rand(nblocks, generator=g) * torch.logspace(-3, 2, nblocks)  # varied magnitudes
-    return packed, absmax
-
-
-def _assert_bit_exact(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    nan = torch.isnan(want)
-    assert torch.equal(torch.isnan(got), nan), "NaN in different places (or unwritten poisoned outputs)"
-    diff = (got.view(INT_VIEW[got.dtype]) != want.view(INT_VIEW[want.dtype])) & ~nan
-    idx = diff.nonzero()
-    assert idx.numel() == 0, f"{idx.numel()} elements differ, first at {idx[:5].flatten().tolist()}"
-
-
 def _raw(lib, packed, absmax, code, blocksize, numel, dtype, threads, *, guard=5):
     """Call the C function directly with an explicit thread count into a NaN-poisoned buffer."""
     buf = torch.full((numel + guard,), float("nan"), dtype=dtype)
@@ -154,10 +137,10 @@ def test_builds_without_openmp(tmp_path):
     cpu_lib._declare(single)
     assert single.pk_cpu_max_threads() == 1
     numel, blocksize = 3 * MIN_ELEMS_PER_THREAD + 5, 64
-    packed, absmax = _random_weight(numel, blocksize, seed=9)
+    packed, absmax = random_weight(numel, blocksize, seed=9)
     code = code4("nf4")
     want = reference.dequantize_4bit(packed, absmax, code, blocksize, numel, torch.bfloat16)
-    _assert_bit_exact(_raw(single, packed, absmax, code, blocksize, numel, torch.bfloat16, threads=4), want)
+    assert_bit_exact(_raw(single, packed, absmax, code, blocksize, numel, torch.bfloat16, threads=4), want)
 
 
 def test_build_reports_missing_compiler(monkeypatch, tmp_path):
@@ -201,13 +184,13 @@ def test_matches_reference_every_tier(lib, blocksize, dtype):
     for tier in _tiers(lib):
         with _isa(lib, tier):
             for i, numel in enumerate(SIZES):
-                packed, absmax = _random_weight(numel, blocksize, seed=blocksize + i)
+                packed, absmax = random_weight(numel, blocksize, seed=blocksize + i)
                 for qt in ("nf4", "fp4"):
                     code = code4(qt)
                     want = reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
                     got = cpu_lib.dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype)
-                    _assert_bit_exact(got, want)
-                    _assert_bit_exact(_raw(lib, packed, absmax, code, blocksize, numel, dtype, threads=1), want)
+                    assert_bit_exact(got, want)
+                    assert_bit_exact(_raw(lib, packed, absmax, code, blocksize, numel, dtype, threads=1), want)
 
 
 @pytest.mark.parametrize("threads", (2, 3, 7))
@@ -216,12 +199,12 @@ def test_large_tensor_split_over_threads(lib, threads, dtype):
     """Chunk boundaries of several threads (more threads than cores is fine for a test) are seamless."""
     numel = 7 * MIN_ELEMS_PER_THREAD + 12345  # odd, last block partial for every blocksize below
     for blocksize in (32, 4096):
-        packed, absmax = _random_weight(numel, blocksize, seed=threads)
+        packed, absmax = random_weight(numel, blocksize, seed=threads)
         code = code4("nf4")
         want = reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
         for tier in (0, _tiers(lib)[-1]):
             with _isa(lib, tier):
-                _assert_bit_exact(_raw(lib, packed, absmax, code, blocksize, numel, dtype, threads), want)
+                assert_bit_exact(_raw(lib, packed, absmax, code, blocksize, numel, dtype, threads), want)
 
 
 def _edge_floats() -> torch.Tensor:
@@ -252,7 +235,7 @@ def test_rounding_edges_match_torch_casts(lib, dtype):
     want = reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
     for tier in _tiers(lib):
         with _isa(lib, tier):
-            _assert_bit_exact(cpu_lib.dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype), want)
+            assert_bit_exact(cpu_lib.dequantize_4bit_cpu(packed, absmax, code, blocksize, numel, dtype), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
@@ -266,7 +249,7 @@ def test_inf_and_nan_propagate(lib, dtype):
     want = reference.dequantize_4bit(packed, absmax, code, 64, numel, dtype)
     for tier in _tiers(lib):
         with _isa(lib, tier):
-            _assert_bit_exact(cpu_lib.dequantize_4bit_cpu(packed, absmax, code, 64, numel, dtype), want)
+            assert_bit_exact(cpu_lib.dequantize_4bit_cpu(packed, absmax, code, 64, numel, dtype), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
@@ -286,7 +269,7 @@ def test_double_quantized_absmax_matches_reference(lib, dtype):
                 got = cpu_lib.dequantize_4bit_cpu(packed, absmax_q, code4("nf4"), blocksize, numel, dtype,
                                                   nested_absmax=nested_absmax, nested_code=ncode,
                                                   nested_offset=offset)
-                _assert_bit_exact(got, want)
+                assert_bit_exact(got, want)
 
 
 def test_quantized_weights_through_functional(lib, monkeypatch):
@@ -298,7 +281,7 @@ def test_quantized_weights_through_functional(lib, monkeypatch):
                 monkeypatch.setenv(backend.ENV_VAR, "reference")
                 want = dequantize(packed, st, dtype)
                 monkeypatch.setenv(backend.ENV_VAR, "cpu")
-                _assert_bit_exact(dequantize(packed, st, dtype), want)
+                assert_bit_exact(dequantize(packed, st, dtype), want)
 
 
 # ------------------------------------------------------- argument errors
@@ -332,7 +315,7 @@ def test_c_validates_arguments(lib):
     for args, code, text in nested:
         assert lib.pk_cpu_dequantize_4bit_nested(*args) == code, (args, lib.pk_cpu_last_error())
         assert text in lib.pk_cpu_last_error().decode(), lib.pk_cpu_last_error()
-    packed, absmax = _random_weight(10, 64, seed=0)
+    packed, absmax = random_weight(10, 64, seed=0)
     _raw(lib, packed, absmax, code4("nf4"), 64, 10, torch.float32, threads=1)
     assert lib.pk_cpu_last_error() == b"", "success clears the message"
 
@@ -457,9 +440,9 @@ def test_installed_library_loads_and_matches(fresh_loader):
     if not cpu_lib.library_path().is_file():
         pytest.skip(f"no installed CPU library at {cpu_lib.library_path()} (run `pip install -e .` with a C compiler)")
     assert cpu_lib.load() is not None, cpu_lib.unavailable_reason()
-    packed, absmax = _random_weight(1001, 64, seed=3)
+    packed, absmax = random_weight(1001, 64, seed=3)
     want = reference.dequantize_4bit(packed, absmax, code4("nf4"), 64, 1001, torch.bfloat16)
-    _assert_bit_exact(cpu_lib.dequantize_4bit_cpu(packed, absmax, code4("nf4"), 64, 1001, torch.bfloat16), want)
+    assert_bit_exact(cpu_lib.dequantize_4bit_cpu(packed, absmax, code4("nf4"), 64, 1001, torch.bfloat16), want)
 
 
 # ------------------------------------------------------------ dispatch

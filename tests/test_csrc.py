@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _dequant_checks import assert_bit_exact, random_weight
 from peft_kernels import csrc_build
 from peft_kernels.ops import cuda_lib, reference
 from peft_kernels.quant import VALID_BLOCKSIZES, code4, quantize_4bit
@@ -33,7 +34,6 @@ NO_NVCC = "nvcc not found: the CUDA C library cannot be compiled on this machine
 ARCHS = ("80", "86", "89", "90")
 ABI_SYMBOLS = {"pk_dequantize_4bit", "pk_last_error", "pk_version"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 # ----------------------------------------------------------------- fixtures
@@ -246,21 +246,6 @@ def _emulate(emu, packed, absmax, code, blocksize, numel, dtype, *, out_offset=0
     return out, flag.value == 1, buf[out_offset + numel:]
 
 
-def _random_weight(numel, blocksize, seed):
-    g = torch.Generator().manual_seed(seed)
-    packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g)
-    nblocks = -(-numel // blocksize)
-    absmax = torch.rand(nblocks, generator=g) * torch.logspace(-3, 2, nblocks)  # varied magnitudes
-    return packed, absmax
-
-
-def _assert_bit_exact(got, want):
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not torch.isnan(got).any(), "unwritten (poisoned) or NaN outputs"
-    diff = (got.view(INT_VIEW[got.dtype]) != want.view(INT_VIEW[want.dtype])).nonzero()
-    assert diff.numel() == 0, f"{diff.numel()} elements differ, first at {diff[:5].flatten().tolist()}"
-
-
 # Sizes: 1-3 elements (tail only), odd, just below/above a vector unit, a partial
 # last quantization block, and several 256-thread tiles with a ragged end.
 SIZES = (1, 2, 3, 7, 8, 9, 33, 1001, 4096 * 3 + 65, 70001)
@@ -270,13 +255,13 @@ SIZES = (1, 2, 3, 7, 8, 9, 33, 1001, 4096 * 3 + 65, 70001)
 @pytest.mark.parametrize("blocksize", VALID_BLOCKSIZES)
 def test_emulated_kernel_matches_reference(emu, blocksize, dtype):
     for i, numel in enumerate(SIZES):
-        packed, absmax = _random_weight(numel, blocksize, seed=blocksize + i)
+        packed, absmax = random_weight(numel, blocksize, seed=blocksize + i)
         for qt in ("nf4", "fp4"):
             code = code4(qt)
             want = reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
             got, vec, guard = _emulate(emu, packed, absmax, code, blocksize, numel, dtype)
             assert vec, "aligned buffers must take the vector path"
-            _assert_bit_exact(got, want)
+            assert_bit_exact(got, want)
             assert torch.isnan(guard).all(), "wrote past numel"
 
 
@@ -284,7 +269,7 @@ def test_emulated_kernel_matches_reference(emu, blocksize, dtype):
 @pytest.mark.parametrize("numel", (1, 6, 4097, 20011))
 def test_emulated_misaligned_buffers_take_bytewise_path(emu, dtype, numel):
     blocksize = 64
-    packed_big, absmax = _random_weight(numel + 2, blocksize, seed=numel)
+    packed_big, absmax = random_weight(numel + 2, blocksize, seed=numel)
     code = code4("nf4")
     for packed_offset, out_offset in ((0, 1), (1, 0), (1, 3)):
         packed = packed_big.reshape(-1)[packed_offset:packed_offset + (numel + 1) // 2]
@@ -292,7 +277,7 @@ def test_emulated_misaligned_buffers_take_bytewise_path(emu, dtype, numel):
         got, vec, guard = _emulate(emu, packed, absmax, code, blocksize, numel, dtype, out_offset=out_offset)
         # f32 needs a 2-byte aligned packed pointer, f16/bf16 4 bytes; out always 16 bytes.
         assert not vec
-        _assert_bit_exact(got, want)
+        assert_bit_exact(got, want)
         assert torch.isnan(guard).all()
 
 
@@ -300,12 +285,12 @@ def test_emulated_misaligned_buffers_take_bytewise_path(emu, dtype, numel):
 @pytest.mark.parametrize("out_offset", (0, 1), ids=("vector", "bytewise"))
 def test_emulated_grid_stride_loops(emu, max_grid, out_offset):
     numel, blocksize, dtype = 8192 * 5 + 77, 128, torch.float16  # 6 tiles of the vector path
-    packed, absmax = _random_weight(numel, blocksize, seed=max_grid)
+    packed, absmax = random_weight(numel, blocksize, seed=max_grid)
     code = code4("nf4")
     want = reference.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
     got, _, guard = _emulate(emu, packed, absmax, code, blocksize, numel, dtype, out_offset=out_offset,
                              max_grid=max_grid)
-    _assert_bit_exact(got, want)
+    assert_bit_exact(got, want)
     assert torch.isnan(guard).all()
 
 
@@ -316,7 +301,7 @@ def test_emulated_kernel_on_quantized_weights(emu):
         for dtype in DTYPES:
             want = reference.dequantize_4bit(packed, st.absmax, st.code, 64, w.numel(), dtype)
             got, _, _ = _emulate(emu, packed, st.absmax, st.code, 64, w.numel(), dtype)
-            _assert_bit_exact(got, want)
+            assert_bit_exact(got, want)
 
 
 # ------------------------------------------------------------- GPU tests
@@ -353,14 +338,14 @@ def test_gpu_dequant_matches_reference(gpu_lib, quant_type, blocksize, dtype):
         got = cuda_lib.dequantize_4bit_cuda(packed, st.absmax, st.code, blocksize, w.numel(), dtype)
         want = _cuda_ref(packed, st.absmax, st.code, blocksize, w.numel(), dtype)
         assert got.device == w.device and got.shape == (w.numel(),)
-        _assert_bit_exact(got.cpu(), want)
+        assert_bit_exact(got.cpu(), want)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_gpu_bytewise_path_and_no_overwrite(gpu_lib, dtype):
     numel, blocksize = 100_003, 256
-    packed_big, absmax = (t.cuda() for t in _random_weight(numel + 2, blocksize, seed=7))
+    packed_big, absmax = (t.cuda() for t in random_weight(numel + 2, blocksize, seed=7))
     code = code4("nf4", "cuda")
     packed = packed_big.reshape(-1)[1:1 + (numel + 1) // 2]  # misaligned by one byte
     buf = torch.full((numel + 9,), float("nan"), dtype=dtype, device="cuda")
@@ -370,24 +355,24 @@ def test_gpu_bytewise_path_and_no_overwrite(gpu_lib, dtype):
                                     torch.cuda.current_stream().cuda_stream)
     assert rc == 0, gpu_lib.pk_last_error()
     torch.cuda.synchronize()
-    _assert_bit_exact(out.cpu(), _cuda_ref(packed, absmax, code, blocksize, numel, dtype))
+    assert_bit_exact(out.cpu(), _cuda_ref(packed, absmax, code, blocksize, numel, dtype))
     assert torch.isnan(buf[0]) and torch.isnan(buf[1 + numel:]).all()
     # the wrapper takes the byte-wise path too for a misaligned packed tensor
     got = cuda_lib.dequantize_4bit_cuda(packed, absmax, code, blocksize, numel, dtype)
-    _assert_bit_exact(got.cpu(), _cuda_ref(packed, absmax, code, blocksize, numel, dtype))
+    assert_bit_exact(got.cpu(), _cuda_ref(packed, absmax, code, blocksize, numel, dtype))
 
 
 @pytest.mark.gpu
 def test_gpu_side_stream_and_errors(gpu_lib):
     numel, blocksize = 12345, 64
-    packed, absmax = (t.cuda() for t in _random_weight(numel, blocksize, seed=3))
+    packed, absmax = (t.cuda() for t in random_weight(numel, blocksize, seed=3))
     code = code4("fp4", "cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         got = cuda_lib.dequantize_4bit_cuda(packed, absmax, code, blocksize, numel, torch.bfloat16)
     side.synchronize()
-    _assert_bit_exact(got.cpu(), _cuda_ref(packed, absmax, code, blocksize, numel, torch.bfloat16))
+    assert_bit_exact(got.cpu(), _cuda_ref(packed, absmax, code, blocksize, numel, torch.bfloat16))
     assert cuda_lib.dequantize_4bit_cuda(packed, absmax, code, blocksize, 0).numel() == 0
     with pytest.raises(ValueError, match="contiguous"):
         cuda_lib.dequantize_4bit_cuda(packed, absmax.repeat_interleave(2)[::2], code, blocksize, numel)
@@ -414,7 +399,7 @@ def test_gpu_int64_indexing(gpu_lib):
     start = (numel // blocksize - 1) * blocksize  # last two blocks, the final one partial
     want = reference.dequantize_4bit(packed[start // 2:].cpu(), absmax[start // blocksize:].cpu(), code.cpu(),
                                      blocksize, numel - start, torch.float16)
-    _assert_bit_exact(got[start:].cpu(), want)
+    assert_bit_exact(got[start:].cpu(), want)
     head = reference.dequantize_4bit(packed[:4096].cpu(), absmax[:2].cpu(), code.cpu(), blocksize, 8192,
                                      torch.float16)
-    _assert_bit_exact(got[:8192].cpu(), head)
+    assert_bit_exact(got[:8192].cpu(), head)
