@@ -29,6 +29,8 @@ Sections (JSON keys):
   seq 2048, batch 1), QLoRA r=16 on all 7 linear layers, forward + backward: ours
   (``quantize_model`` + ``methods.lora.apply``) vs PEFT + bitsandbytes;
   ``decoder_summary``: peft/ours.
+* ``methods`` (g, h, i, ...): one section per PEFT method, each in its own module under
+  ``bench/gpu_sections/`` (see :data:`METHOD_SECTIONS` and that package's docstring).
 
 LoRA rows (e, f) run under ``torch.autocast`` to the suite dtype (as a Trainer with
 bf16=True runs PEFT: its LoRA matmuls then run in bf16, its fastest mode), with
@@ -75,6 +77,8 @@ if REPO not in sys.path:  # `python bench/gpu_suite.py` from the repo root, pack
 import torch  # noqa: E402  (torch does not import triton; bitsandbytes and our kernels do, later)
 
 BLOCKSIZE = 64
+#: Method sections: letter -> module name under bench/gpu_sections/ (each: TITLE, run(b, cfg, dry), render(rows)).
+METHOD_SECTIONS = {"g": "bitfit", "h": "sparse", "i": "adapter"}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # DESIGN.md tolerance policy
 
 FULL = dict(
@@ -229,6 +233,11 @@ class Bench:
             row.update(status="error", note=f"{type(e).__name__}: {e}".splitlines()[0][:300])
             row["traceback"] = traceback.format_exc(limit=4)
         return row
+
+
+# What method sections (bench/gpu_sections/) use besides the Bench itself.
+Bench.rel_err = staticmethod(lambda out, ref: rel_err(out, ref))
+Bench.tol = TOL
 
 
 def strict_json(obj):
@@ -1013,6 +1022,9 @@ def render(res: dict) -> str:
             lines.append(f"| {k}->{n} | {mm_} | {kern} | {_cell(fu, 'ms', '.4f')} ({fu.get('config')}) | "
                          f"{_cell(ws, 'ms', '.4f')} | {fu.get('auto_path', '—')} | {faster} |")
     lines += render_lora(res)
+    for name, rows in res.get("methods", {}).items():
+        mod = _method_module(name)
+        lines += ["", f"### ({_method_letter(name)}) {mod.TITLE}", ""] + mod.render(rows)
     if res["notes"]:
         lines += ["", "Notes:"] + [f"- {n}" for n in res["notes"]]
     lines += ["", f"Suite time {res['elapsed_s']:.0f} s."]
@@ -1051,6 +1063,28 @@ def render_lora(res: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------ main
+# ------------------------------------------------------------ method sections
+def _method_module(name: str):
+    import importlib
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(f"gpu_sections.{name}")
+
+
+def _method_letter(name: str) -> str:
+    return next(k for k, v in METHOD_SECTIONS.items() if v == name)
+
+
+def method_section(b: "Bench", name: str, cfg: dict, dry: bool) -> list[dict]:
+    """Rows of one method section; a section that fails to build becomes one error row."""
+    try:
+        return _method_module(name).run(b, cfg, dry)
+    except Exception as e:
+        return [{"impl": "setup", "status": "error", "note": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                 "traceback": traceback.format_exc(limit=6)}]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (reference backend): a smoke test")
@@ -1059,9 +1093,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON file, or a directory to get gpu_suite.json")
     p.add_argument("--budget-s", type=float, default=240.0, help="skip rows started after this many seconds")
     p.add_argument("--no-flush", action="store_true", help="do not flush L2 between reps")
-    p.add_argument("--sections", default="a,b,c,d,e,f",
+    p.add_argument("--sections", default=",".join(["a", "b", "c", "d", "e", "f", *METHOD_SECTIONS]),
                    help="comma list of a (dequant), b (fwd+bwd), c (M=1), d (fused/workspace crossover), "
-                        "e (LoRA linear), f (decoder layer)")
+                        "e (LoRA linear), f (decoder layer), "
+                        + ", ".join(f"{k} ({v})" for k, v in METHOD_SECTIONS.items()))
     return p.parse_args(argv)
 
 
@@ -1173,10 +1208,19 @@ def main(argv=None) -> int:
             save()
     res["lora_summary"] = lora_summary(res["lora_fwd_bwd"])
     res["decoder_summary"] = decoder_summary(res["decoder_layer"])
+    res["methods"] = {}
+    for key, name in METHOD_SECTIONS.items():
+        if key in sections:
+            res["methods"][name] = method_section(bench, name, cfg, args.dry_run)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            progress(f"{name} done")
+            save()
     if bench.skipped_for_time:
         res["notes"].append(f"{bench.skipped_for_time} rows skipped: --budget-s {args.budget_s:g} spent")
-    bad = [r for sec in ("dequant", "gemv_m1", "linear_fwd_bwd", "crossover", "lora_fwd_bwd", "decoder_layer")
-           for r in res[sec]
+    bad = [r for rows in [res[sec] for sec in ("dequant", "gemv_m1", "linear_fwd_bwd", "crossover", "lora_fwd_bwd",
+                                               "decoder_layer")] + list(res["methods"].values())
+           for r in rows
            if r.get("status") in ("FAIL", "error")]
     for r in bad:
         res["notes"].append(f"{r.get('status')}: {({k: v for k, v in r.items() if k != 'traceback'})}")

@@ -21,7 +21,7 @@ from torch import nn
 from _tiny_models import build, sample_ids
 from _tolerance import assert_close_to_reference
 from peft_kernels.io import AdapterLoadError, from_peft_model, load_adapter, save_adapter
-from peft_kernels.io import peft_format
+from peft_kernels.io import method_files, peft_format
 from peft_kernels.methods import lora as lora_methods
 from peft_kernels.methods.lora import LoraConfig, apply
 from peft_kernels.nn import Linear4bit, LoraLinear
@@ -336,7 +336,7 @@ def test_save_replaces_atomically_and_keeps_other_files(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_format, "save_file", failing)
+    monkeypatch.setattr(method_files, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(first, out)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

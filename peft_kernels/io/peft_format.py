@@ -18,7 +18,6 @@ model, and restores the model if anything fails afterwards: a failed load leaves
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,19 +28,15 @@ from types import MappingProxyType
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..methods import lora as lora_methods
 from ..methods.lora import LoraConfig
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear, LoraMagnitude, ModulesToSaveWrapper
-from .atomic import fsync_file, replace_directory
+from .method_files import AdapterLoadError, read_method_files, write_method_files
+from .method_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME  # noqa: F401 (part of this module's API)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 #: PEFT's key prefix (PeftModel.base_model is a LoraModel whose .model is the transformers model).
 PEFT_PREFIX = "base_model.model."
 #: Initialisations after which PEFT rewrites the base weights when it loads the adapter.
@@ -51,16 +46,7 @@ _LORA_KEY = re.compile(r"^(?P<mod>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lo
 _UNSUPPORTED_LORA_KEY = re.compile(r"(^|\.)(lora_embedding_[AB]|lora_E|lora_ranknum|lora_[A-Za-z_]+)(\.|$)")
 
 
-class AdapterLoadError(ValueError):
-    """The adapter files cannot be loaded into this model (the message names the file, tensor or module)."""
-
-
 # ============================================================================ shared helpers
-def _owned(name: str) -> bool:
-    """Files of the adapter itself (replaced by a save); anything else in the directory is kept."""
-    return name in (CONFIG_NAME, WEIGHTS_NAME) or name in PICKLE_NAMES
-
-
 def _lora_layers(root: nn.Module):
     return [(n, m) for n, m in root.named_modules() if isinstance(m, LoraLinear)]
 
@@ -130,17 +116,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     config["base_model_name_or_path"] = (base_model_name_or_path or config.get("base_model_name_or_path")
                                          or _name_or_path(root))
     tensors = _adapter_tensors(root, config, adapter_name, layers, wrappers)
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"adapter tensor {key} contains NaN or Inf values; refusing to save it "
-                             f"(the file could not be loaded back)")
-    with replace_directory(directory, owned=_owned) as staging:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        fsync_file(staging / WEIGHTS_NAME)
-        path = staging / CONFIG_NAME
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        fsync_file(path)
-    return Path(os.path.abspath(directory))
+    return write_method_files(directory, config, tensors)
 
 
 def _peft_config_dict(root: nn.Module, cfg: Optional[LoraConfig], adapter_name: str, layers, wrappers) -> dict:
@@ -243,36 +219,7 @@ class _Plan:
     existing: bool = False  # the model already has this adapter: overwrite its values in place
 
 
-def _read_files(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not directory.exists():
-        raise FileNotFoundError(f"no adapter at {directory}")
-    if not directory.is_dir():
-        raise AdapterLoadError(f"{directory} is not a directory (expected one holding {CONFIG_NAME} and "
-                               f"{WEIGHTS_NAME})")
-    cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    if not w_path.is_file():
-        pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
-        if pickles:
-            raise AdapterLoadError(f"{directory} holds only a pickle-based adapter ({pickles[0]}): refusing to "
-                                   f"read it (unpickling can run arbitrary code). Re-save it as safetensors from a "
-                                   f"trusted environment (PeftModel.save_pretrained(..., safe_serialization=True))")
-        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}")
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}")
-    try:
-        with safe_open(str(w_path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterLoadError(f"{w_path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-    if not tensors:
-        raise AdapterLoadError(f"{w_path} holds no tensors")
-    return config, tensors
+_read_files = read_method_files
 
 
 def _parse_config(config: dict, cfg_path: Path) -> LoraConfig:

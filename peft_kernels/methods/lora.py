@@ -38,6 +38,7 @@ from torch import nn
 
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear, ModulesToSaveWrapper
+from ._common import get_parent, print_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
 
 CONFIG_ATTR = "peft_kernels_lora_configs"
 ALL_LINEAR = "all-linear"
@@ -301,11 +302,6 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 # ================================================================== model-level API
 def get_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """name -> LoraConfig of the adapters added to ``model`` (empty if none)."""
@@ -367,14 +363,14 @@ def _inject(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> None:
             p.requires_grad_(flag)
         raise
     for name, layer in new_layers.items():
-        parent, child = _get_parent(model, name)
+        parent, child = get_parent(model, name)
         setattr(parent, child, layer)
     for name in mts:
         m = model.get_submodule(name)
         if isinstance(m, ModulesToSaveWrapper):
             m.add_adapter(adapter_name)
         else:
-            parent, child = _get_parent(model, name)
+            parent, child = get_parent(model, name)
             setattr(parent, child, ModulesToSaveWrapper(m, adapter_name))
     configs = dict(configs)
     # As PEFT does, the stored config says fan_in_fan_out=True when it targets transformers Conv1D layers.
@@ -469,12 +465,12 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
         if not layer.lora_A and not layer.merged_adapters:
-            parent, child = _get_parent(model, name)
+            parent, child = get_parent(model, name)
             setattr(parent, child, layer.base_layer)
     for name, w in list(_wrappers(model)):
         w.delete_adapter(adapter_name)
         if not w.modules_to_save:
-            parent, child = _get_parent(model, name)
+            parent, child = get_parent(model, name)
             setattr(parent, child, w.original_module)
     configs = {k: v for k, v in configs.items() if k != adapter_name}
     setattr(model, CONFIG_ATTR, configs)
@@ -519,10 +515,10 @@ def merge_and_unload(model: nn.Module, mode: str = "exact", adapter_names: Optio
         want = adapter_names if adapter_names is not None else layer.active_adapters
         layer.disabled = False
         layer.merge([n for n in want if n in layer.lora_A], mode=mode, dtype=dtype)
-        parent, child = _get_parent(model, name)
+        parent, child = get_parent(model, name)
         setattr(parent, child, layer.base_layer)
     for name, w in list(_wrappers(model)):
-        parent, child = _get_parent(model, name)
+        parent, child = get_parent(model, name)
         keep = w.modules_to_save[w.active_adapter] if w.active_adapter is not None else w.original_module
         setattr(parent, child, keep)
     for attr in (CONFIG_ATTR, "peft_kernels_active_adapters"):
@@ -532,29 +528,6 @@ def merge_and_unload(model: nn.Module, mode: str = "exact", adapter_names: Optio
 
 
 # ================================================================== reporting / state
-def _logical_numel(model: nn.Module) -> dict[int, int]:
-    """id(packed 4-bit weight) -> number of weights it stores (2 per byte)."""
-    return {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit)}
-
-
-def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared tensors once; a 4-bit weight counts its weights (as PEFT)."""
-    logical = _logical_numel(model)
-    trainable = total = 0
-    for p in model.parameters():
-        n = logical.get(id(p), p.numel())
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-def print_trainable_parameters(model: nn.Module) -> None:
-    """Print PEFT's line: ``trainable params: X || all params: Y || trainable%: Z``."""
-    t, a = trainable_parameters(model)
-    print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
-
-
 def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under the model's own state-dict keys (``...lora_A.<name>.weight``,
     ``...lora_B.<name>.weight``/``.bias``, ``...lora_magnitude_vector.<name>.weight``,

@@ -122,3 +122,9 @@ def dora_weight_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torc
     work = torch.float64 if torch.float64 in (lora_A.dtype, lora_B.dtype) else torch.float32
     w = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, work)
     return dora_weight_norm_dense(w.view(out_features, in_features), lora_A, lora_B, scale)
+
+
+# Each method's references live in their own file (one owner each); they are part of this module.
+from .reference_adapter import *  # noqa: E402,F401,F403
+from .reference_bitfit import *  # noqa: E402,F401,F403
+from .reference_sparse import *  # noqa: E402,F401,F403

@@ -1,0 +1,10 @@
+"""gpu_suite section: adapter (not written yet)."""
+TITLE = "adapter: not measured yet"
+
+
+def run(b, cfg: dict, dry: bool) -> list[dict]:
+    return [{"impl": "none", "status": "skip", "note": "section not written yet"}]
+
+
+def render(rows: list[dict]) -> list[str]:
+    return [f"- {r['impl']}: {r['status']} ({r.get('note', '')})" for r in rows]
