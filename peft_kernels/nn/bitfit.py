@@ -1,0 +1,133 @@
+"""``BitFitLinear``: a trainable bias over a frozen ``nn.Linear``, transformers ``Conv1D`` or 4-bit ``Linear4bit``.
+
+BitFit (Ben Zaken et al., 2021) trains only the biases. The wrapper holds
+
+* ``base_layer``: the original layer, frozen and otherwise left as it was (its own bias, if any, is
+  kept but not used by the forward);
+* ``bias``: a float32 ``nn.Parameter`` [out_features], initialised from the base's bias, or zeros when
+  the base has none (Llama, Mistral and Qwen MLPs; most attention projections).
+
+Forward: ``y = x Wᵀ + bias`` through ``peft_kernels.ops.bitfit`` (one op; nothing of x is saved for
+backward, which computes only dX — when x needs it — and db). Mixed precision as ``LoraLinear``: the op
+computes in the input's dtype (the autocast dtype under ``torch.autocast``, or a ``Linear4bit``'s
+``compute_dtype``); the float32 bias is cast inside the op and its gradient comes back in float32.
+The output has x's dtype over a 4-bit base (like ``Linear4bit``) and the compute dtype over a dense one
+(like ``nn.Linear`` under autocast).
+
+``merge_and_unload()`` writes the trained bias into the base layer (creating it when the base had none)
+and returns that plain layer; ``unload()`` returns the base as it was wrapped.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import FLOAT_DTYPES
+from ..ops.bitfit import bitfit_linear_4bit, bitfit_linear_dense
+from .linear4bit import Linear4bit
+
+
+def base_kind(layer: nn.Module) -> str:
+    """'4bit', 'linear' or 'conv1d' for a layer BitFit can wrap; TypeError naming the class otherwise."""
+    if isinstance(layer, Linear4bit):
+        return "4bit"
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        return "conv1d"
+    raise TypeError(f"BitFitLinear wraps nn.Linear, transformers Conv1D or peft_kernels.nn.Linear4bit, got "
+                    f"{type(layer).__name__} (convert a bitsandbytes layer with Linear4bit.from_bnb first)")
+
+
+class BitFitLinear(nn.Module):
+    """``y = x Wᵀ + b`` with W frozen (dense or 4-bit) and only ``b`` trainable.
+
+    Args:
+        base_layer: ``nn.Linear`` (weight [N, K]), transformers ``Conv1D`` (weight [K, N]) or
+            ``peft_kernels.nn.Linear4bit``. Its parameters are frozen here; the layer is not modified.
+        bias_dtype: dtype of the trainable bias (default float32: the master copy an optimizer updates).
+
+    Input x [..., K] float32/float16/bfloat16 (float64 for exact references) on the layer's device;
+    output [..., N].
+    """
+
+    def __init__(self, base_layer: nn.Module, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self._kind = base_kind(base_layer)
+        if bias_dtype not in FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"bias_dtype must be a float dtype, got {bias_dtype}")
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        if self._kind == "conv1d":
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        dev = base_layer.weight.device
+        old = base_layer.bias
+        init = (torch.zeros(self.out_features, dtype=bias_dtype, device=dev) if old is None
+                else old.detach().to(device=dev, dtype=bias_dtype, copy=True))
+        self.bias = nn.Parameter(init)
+
+    # ------------------------------------------------------------------ base access
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (for code that reads ``module.weight``, as with PEFT's layers)."""
+        return self.base_layer.weight
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The dense base weight as [N, K] (a transposed view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self._kind == "conv1d" else w
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        if self._kind == "4bit" and self.base_layer.compute_dtype is not None:
+            return self.base_layer.compute_dtype
+        return x.dtype
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"BitFitLinear input must be a float32/float16/bfloat16 (or float64) tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x has shape {tuple(x.shape)} but the layer is [{self.out_features}, "
+                             f"{self.in_features}]: the last dimension of x must be {self.in_features}")
+        if x.device != self.bias.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {self.bias.device}: move one of them")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        in_dtype = x.dtype
+        cdt = self._compute_dtype(x)
+        xc = x if x.dtype == cdt else x.to(cdt)
+        if self._kind == "4bit":
+            base = self.base_layer
+            qs = base.quant_state
+            n = qs.nested
+            y = bitfit_linear_4bit(xc.contiguous(), base.weight, qs.absmax, qs.code,
+                                   None if n is None else n.absmax, None if n is None else n.code,
+                                   0.0 if n is None else float(n.offset), qs.blocksize, self.out_features,
+                                   self.bias)
+            return y if y.dtype == in_dtype else y.to(in_dtype)
+        return bitfit_linear_dense(xc, self._dense_weight(), self.bias)
+
+    # ------------------------------------------------------------------ unwrapping
+    def unload(self) -> nn.Module:
+        """The original base layer, as it was wrapped (the trained bias is dropped)."""
+        return self.base_layer
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Write the trained bias into the base layer (in place, in the base's parameter dtype; created when
+        the base had none, frozen) and return that layer: a plain nn.Linear / Conv1D / Linear4bit."""
+        base = self.base_layer
+        dtype = base.weight_dtype if self._kind == "4bit" else base.weight.dtype
+        base.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True), requires_grad=False)
+        return base
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, base={self._kind}, "
+                f"bias_dtype={str(self.bias.dtype).replace('torch.', '')}")
