@@ -116,3 +116,19 @@ def test_decoder_layer_section(dry_run):
         assert res["decoder_summary"]["peft_over_ours"] > 0
     else:
         assert rows["peft"]["status"] == "skip"
+
+
+def test_method_sections(dry_run):
+    """Every method section (bench/gpu_sections/) ran: checked, timed rows beside their baseline."""
+    res, _, out = dry_run
+    baselines = {"bitfit": {"ours", "bnb", "lora_r16"}, "sparse": {"sampled", "dense+gather", "sparse", "lora_r64"},
+                 "adapter": {"fused", "unfused"}}
+    assert set(res["methods"]) == set(baselines)
+    for name, impls in baselines.items():
+        rows = res["methods"][name]
+        assert not [r for r in rows if r["status"] in ("FAIL", "error")], name
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert {r["impl"] for r in ok} >= impls, name
+        assert all(r["ms"] > 0 and any(k.startswith("rel_err") for k in r) for r in ok), name
+    table = (out / "gpu_suite.md").read_text()
+    assert "(g) " in table and "(h) " in table and "(i) " in table
