@@ -11,6 +11,8 @@ same two files with their own documented keys and ``"peft_type"`` (``"BITFIT"``,
   turns every malformed input into :class:`AdapterLoadError` naming the file.
 * :func:`model_fingerprint` / :func:`check_fingerprint`: the base model's shape facts stored in the
   config, so a file made for another model is refused with a clear error before any tensor is used.
+* :func:`name_or_path` (the ``base_model_name_or_path`` a save records) and :func:`is_peft_model`
+  (savers and loaders refuse a ``peft.PeftModel``: it has its own).
 """
 from __future__ import annotations
 
@@ -150,3 +152,22 @@ def check_fingerprint(config: dict, model: nn.Module, directory: str | os.PathLi
     if diff:
         detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in diff.items())
         raise AdapterLoadError(f"{directory} was made for another model ({detail})")
+
+
+def name_or_path(model: nn.Module) -> Optional[str]:
+    """The model's hub name or local path (``name_or_path`` / ``config._name_or_path``), or None."""
+    for obj in (model, getattr(model, "config", None)):
+        for attr in ("name_or_path", "_name_or_path"):
+            v = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(v, str) and v:
+                return v
+    return None
+
+
+def is_peft_model(model: nn.Module, *, tuner: bool = True) -> bool:
+    """Whether ``model`` looks like a ``peft.PeftModel`` (a ``peft_config`` and a ``base_model`` module); with
+    ``tuner`` (the default) its ``base_model`` must also hold the transformers model as ``.model`` (a tuner
+    such as PEFT's LoraModel)."""
+    if not (hasattr(model, "peft_config") and isinstance(getattr(model, "base_model", None), nn.Module)):
+        return False
+    return not tuner or isinstance(getattr(model.base_model, "model", None), nn.Module)

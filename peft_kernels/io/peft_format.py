@@ -34,7 +34,8 @@ from ..methods import lora as lora_methods
 from ..methods.lora import LoraConfig
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear, LoraMagnitude, ModulesToSaveWrapper
-from .method_files import AdapterLoadError, read_method_files, write_method_files
+from ..methods.targets import pattern_value
+from .method_files import AdapterLoadError, is_peft_model, name_or_path, read_method_files, write_method_files
 from .method_files import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME  # noqa: F401 (part of this module's API)
 
 #: PEFT's key prefix (PeftModel.base_model is a LoraModel whose .model is the transformers model).
@@ -63,30 +64,8 @@ def _base_shape(module: nn.Module) -> tuple[int, int]:
     raise TypeError(type(module).__name__)
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and isinstance(getattr(model, "base_model", None), nn.Module) \
-        and isinstance(getattr(model.base_model, "model", None), nn.Module)
-
-
 def _dropout_p(module: nn.Module) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
-
-
-def _name_or_path(model: nn.Module) -> Optional[str]:
-    for obj in (model, getattr(model, "config", None)):
-        for attr in ("name_or_path", "_name_or_path"):
-            v = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(v, str) and v:
-                return v
-    return None
-
-
-def _pattern_lookup(patterns: dict, key: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with ``(.*\\.)?(k)$`` matching."""
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", key):
-            return patterns[k]
-    return default
 
 
 # ============================================================================ save
@@ -100,7 +79,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     ``adapter_model.safetensors`` gets PEFT's key names. The directory is replaced atomically (an
     existing adapter there is never half overwritten); other files in it are kept. Returns its path.
     """
-    if _is_peft_model(model):
+    if is_peft_model(model):
         raise TypeError("this is a peft.PeftModel: save it with its own save_pretrained() (which also works "
                         "after from_peft_model), or pass a model whose adapters peft_kernels added")
     root = model
@@ -114,7 +93,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     cfg = lora_methods.get_configs(root).get(adapter_name)
     config = _peft_config_dict(root, cfg, adapter_name, layers, wrappers)
     config["base_model_name_or_path"] = (base_model_name_or_path or config.get("base_model_name_or_path")
-                                         or _name_or_path(root))
+                                         or name_or_path(root))
     tensors = _adapter_tensors(root, config, adapter_name, layers, wrappers)
     return write_method_files(directory, config, tensors)
 
@@ -163,7 +142,7 @@ def _peft_config_dict(root: nn.Module, cfg: Optional[LoraConfig], adapter_name: 
     d["fan_in_fan_out"] = all(m.fan_in_fan_out for _, m in layers)
     for key, per_layer, default in (("rank_pattern", ranks, cfg.r), ("alpha_pattern", alphas, cfg.lora_alpha)):
         pats = dict(getattr(cfg, key) or {})
-        if any(_pattern_lookup(pats, n, default) != v for n, v in per_layer.items()):
+        if any(pattern_value(pats, n, default) != v for n, v in per_layer.items()):
             pats = {re.escape(n): v for n, v in per_layer.items() if v != default}
         d[key] = pats
     d["inference_mode"] = True  # as PEFT writes it
@@ -306,8 +285,8 @@ def _plan_load(root: nn.Module, directory: Path, adapter_name: str) -> _Plan:
         if set(got) - need:
             raise AdapterLoadError(f"{w_file}: unexpected tensor(s) {sorted(set(got) - need)} for module "
                                    f"{mod_name!r}: the config says use_dora={cfg.use_dora}, lora_bias={cfg.lora_bias}")
-        r = _pattern_lookup(cfg.rank_pattern, mod_name, cfg.r)
-        alpha = _pattern_lookup(cfg.alpha_pattern, mod_name, cfg.lora_alpha)
+        r = pattern_value(cfg.rank_pattern, mod_name, cfg.r)
+        alpha = pattern_value(cfg.alpha_pattern, mod_name, cfg.lora_alpha)
         n_out, n_in = _base_shape(module)
         want = {"lora_A.weight": (r, n_in), "lora_B.weight": (n_out, r), "lora_B.bias": (n_out,),
                 "lora_magnitude_vector": (n_out,)}
@@ -361,7 +340,7 @@ def _plan_load(root: nn.Module, directory: Path, adapter_name: str) -> _Plan:
     _plan_other_tensors(root, plan, other, cands, w_file, adapter_name)
 
     name = cfg.base_model_name_or_path
-    mine = _name_or_path(root)
+    mine = name_or_path(root)
     if name and mine and os.path.basename(str(name).rstrip("/")) != os.path.basename(str(mine).rstrip("/")):
         warnings.warn(f"the adapter was trained on {name!r} and this model is {mine!r}; the shapes fit, so it "
                       f"loads, but check that it is the same base", stacklevel=3)
@@ -504,7 +483,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     PEFT features — and an error (AdapterLoadError, naming the file and tensor) leaves the model exactly
     as it was. Returns ``model``.
     """
-    if _is_peft_model(model):
+    if is_peft_model(model):
         raise TypeError("this is a peft.PeftModel: load adapters into it with its own load_adapter(), or pass "
                         "the base transformers model here")
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:

@@ -1,13 +1,14 @@
 """What every method's ``apply`` needs: module lookup and replacement, the model's layer stack,
-freezing, and the trainable-parameter report.
+freezing, disabling adapters for a while, and the trainable-parameter report.
 
 Methods stay one file each (``methods/<method>.py``); anything two of them would otherwise both
 write lives here.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Optional
+from typing import Iterable, Optional
 
 from torch import nn
 
@@ -76,6 +77,20 @@ def freeze(model: nn.Module) -> None:
     """``requires_grad=False`` on every parameter of ``model``."""
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module, modules: Iterable):
+    """Context manager: ``disabled = True`` on each of ``modules``, restored afterwards; yields ``model``."""
+    mods = list(modules)
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b
 
 
 def _logical_numel(model: nn.Module) -> dict[int, int]:

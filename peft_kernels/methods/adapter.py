@@ -31,7 +31,6 @@ context manager; ``delete_adapter`` removes one (and the hooks when none is left
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -42,7 +41,7 @@ from torch import nn
 from ..io import method_files as mf
 from ..nn.adapter import INITS, Adapter, AdapterSlot
 from ..ops import reference_adapter as ref
-from ._common import find_layer_stack, freeze, print_trainable_parameters, trainable_parameters  # noqa: F401
+from ._common import disabled, find_layer_stack, freeze, print_trainable_parameters, trainable_parameters  # noqa: F401
 
 PEFT_TYPE = "BOTTLENECK"
 FORMAT_VERSION = 1
@@ -340,18 +339,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     setattr(model, ACTIVE_ATTR, [n for n in active_adapters(model) if n != adapter_name])
 
 
-@contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Context manager: every bottleneck adapter is bypassed (the model computes as its base)."""
-    slots = [s for _, s in _slots(model)]
-    before = [s.disabled for s in slots]
-    for s in slots:
-        s.disabled = True
-    try:
-        yield model
-    finally:
-        for s, b in zip(slots, before):
-            s.disabled = b
+    return disabled(model, [s for _, s in _slots(model)])
 
 
 def adapter_parameter_count(model: nn.Module, adapter_name: str) -> int:

@@ -45,12 +45,11 @@ from torch import nn
 from ..io.method_files import (FINGERPRINT_KEY, AdapterLoadError, check_fingerprint, check_peft_type,
                                model_fingerprint, read_method_files, write_method_files)
 from ..nn.bitfit import BitFitLinear
-from ..nn.linear4bit import Linear4bit
 from ._common import freeze, print_trainable_parameters, replace_module, trainable_parameters  # noqa: F401
+from .targets import ALL_LINEAR, candidate_modules, is_linear, output_head_names
 
 PEFT_TYPE = "BITFIT"
 CONFIG_ATTR = "peft_kernels_bitfit_config"
-ALL_LINEAR = "all-linear"
 FORMAT_VERSION = 1
 
 
@@ -121,10 +120,6 @@ class BitFitConfig:
 
 
 # ================================================================== matching
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, Linear4bit)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
-
-
 def _is_norm(m: nn.Module) -> bool:
     """Normalisation layers by class name (transformers defines its own per model: LlamaRMSNorm, ...)."""
     return type(m).__name__.endswith("Norm") and any(True for _ in m.parameters(recurse=False))
@@ -137,33 +132,13 @@ def _is_wrapper(m: nn.Module) -> bool:
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    out, stop = [], []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in stop):
-            continue
-        out.append((name, m))
-        if _is_wrapper(m):
-            stop.append(name)
-    return out
+    return candidate_modules(model, _is_wrapper)
 
 
 def _match(pattern: Union[str, list[str]], name: str) -> bool:
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return name in pattern or any(name.endswith("." + t) for t in pattern)
-
-
-def _head_names(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    head = None
-    if callable(get):
-        try:
-            head = get()
-        except (NotImplementedError, AttributeError):
-            head = None
-    if head is None:
-        return set()
-    return {n for n, m in model.named_modules() if m is head}
 
 
 def _under(name: str, roots: list[str]) -> bool:
@@ -188,8 +163,8 @@ def resolve_targets(model: nn.Module, cfg: BitFitConfig) -> list[str]:
     mts = _resolve_modules_to_save(model, cfg)
     targets = cfg.target_modules
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = _head_names(model)
-        targets = [n for n, m in cands if _is_linear(m) and n not in heads]
+        heads = output_head_names(model)
+        targets = [n for n, m in cands if is_linear(m) and n not in heads]
     found = []
     for name, m in cands:
         if not _match(targets, name) or _under(name, mts):
@@ -198,12 +173,12 @@ def resolve_targets(model: nn.Module, cfg: BitFitConfig) -> list[str]:
             continue
         if isinstance(m, BitFitLinear):
             raise ValueError(f"module {name!r} already has BitFit; call unload() before applying it again")
-        if not _is_linear(m):
+        if not is_linear(m):
             raise ValueError(f"target module {name!r} is a {type(m).__name__}; BitFit wraps nn.Linear, "
                              f"transformers Conv1D and Linear4bit layers (name those, or use 'all-linear')")
         found.append(name)
     if not found:
-        sample = [n for n, m in cands if _is_linear(m)][:6]
+        sample = [n for n, m in cands if is_linear(m)][:6]
         raise ValueError(f"target_modules {cfg.target_modules!r} matched no linear module of "
                          f"{type(model).__name__} (exclude_modules={cfg.exclude_modules!r}); linear layers are "
                          f"named like {sample}")
@@ -349,7 +324,7 @@ def _plan(model: nn.Module, config: dict, tensors: dict, directory: Path):
     shapes: dict[str, tuple] = {}
     for name in targets:
         m = _module(model, name, "BitFit layer", where)
-        if not (isinstance(m, BitFitLinear) or (not applied and _is_linear(m))):
+        if not (isinstance(m, BitFitLinear) or (not applied and is_linear(m))):
             raise AdapterLoadError(f"{where}: module {name!r} is a {type(m).__name__}, not a linear layer BitFit "
                                    f"can wrap (a file for another model?)")
         shapes[f"{name}.bias"] = (m.nf if type(m).__name__ == "Conv1D" else m.out_features,)

@@ -5,7 +5,7 @@
     save_ia3(model, "out/ia3")                # peft.PeftModel.from_pretrained(base, "out/ia3") loads it
     load_ia3(other_model, "out/ia3")          # and ours loads PEFT's files
 
-Module matching is PEFT 0.21's (shared with ``methods/lora.py``): ``target_modules`` as a string is a regex
+Module matching is PEFT 0.21's (``methods/targets.py``, shared with ``methods/lora.py``): ``target_modules`` as a string is a regex
 that must ``re.fullmatch`` a module's full name (``"all-linear"``: every linear layer but the output head); as a
 list, a name equal to an entry or ending with ``"." + entry``. ``exclude_modules`` and ``modules_to_save``
 modules are never targeted. ``feedforward_modules`` follows PEFT's own rule: a string is a ``re.fullmatch``
@@ -20,25 +20,26 @@ Files (``save_ia3`` / ``load_ia3``) are PEFT's: ``adapter_config.json`` with ``p
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from ..io.method_files import (CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, AdapterLoadError, check_fingerprint,
-                               check_peft_type, model_fingerprint, read_method_files, write_method_files)
+                               check_peft_type, is_peft_model, model_fingerprint, name_or_path, read_method_files,
+                               write_method_files)
 from ..nn.ia3 import IA3Linear
-from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear, ModulesToSaveWrapper
+from ._adapter_layers import LayerMethod, check_adapter_name
+from ._adapter_layers import wrappers as _wrappers
 from ._common import get_parent, print_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
-from .lora import ALL_LINEAR, SEQ_CLS_HEAD_NAMES, _matches, _output_head_names
+from .targets import ALL_LINEAR, SEQ_CLS_HEAD_NAMES  # noqa: F401 (re-exported)
+from .targets import find_linear_targets, linear_names, resolve_modules_to_save, with_seq_cls_heads
 
 CONFIG_ATTR = "peft_kernels_ia3_configs"
 ACTIVE_ATTR = "peft_kernels_ia3_active_adapters"
@@ -143,21 +144,8 @@ class IA3Config:
 
 
 # ================================================================== matching
-def _is_linear(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.Linear, Linear4bit, IA3Linear))
-            or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
-
-
-def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module outside adapter layers' and ModulesToSaveWrappers' insides."""
-    out, stop = [], []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in stop):
-            continue
-        out.append((name, m))
-        if isinstance(m, (IA3Linear, LoraLinear, ModulesToSaveWrapper)):
-            stop.append(name)
-    return out
+_ADAPTER_TYPES = (IA3Linear,)
+_OPAQUE = (IA3Linear, LoraLinear, ModulesToSaveWrapper)  # never targeted inside
 
 
 def _model_type(model: nn.Module) -> Optional[str]:
@@ -195,120 +183,50 @@ def resolve_targets(model: nn.Module, cfg: IA3Config) -> list[tuple[str, bool]]:
     Raises ValueError when the config targets nothing or a module that is not a linear layer.
     """
     cfg = _effective(model, cfg)
-    cands = _candidate_modules(model)
-    targets = cfg.target_modules
-    match_cfg = SimpleNamespace(exclude_modules=cfg.exclude_modules, modules_to_save=cfg.modules_to_save,
-                                layers_to_transform=None, layers_pattern=None, task_type=cfg.task_type)
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = _output_head_names(model, match_cfg)
-        targets = [n for n, m in cands if _is_linear(m) and n not in heads]
-    found = []
-    for name, m in cands:
-        if not _matches(match_cfg, targets, name) or isinstance(m, ModulesToSaveWrapper):
-            continue
-        if not _is_linear(m):
-            raise ValueError(f"target module {name!r} is a {type(m).__name__}; IA3 here supports nn.Linear, "
-                             f"transformers Conv1D and Linear4bit layers")
-        found.append((name, is_feedforward(cfg, name)))
+    found = find_linear_targets(model, cfg.target_modules, method="IA3", wrappers=_ADAPTER_TYPES, opaque=_OPAQUE,
+                                task_type=cfg.task_type, exclude_modules=cfg.exclude_modules,
+                                modules_to_save=cfg.modules_to_save)
     if not found:
-        sample = [n for n, m in cands if _is_linear(m)][:6]
         raise ValueError(f"target_modules {cfg.target_modules!r} matched no module of {type(model).__name__} "
-                         f"(exclude_modules={cfg.exclude_modules!r}); its linear layers are named like {sample}")
-    return found
+                         f"(exclude_modules={cfg.exclude_modules!r}); its linear layers are named like "
+                         f"{linear_names(model, _OPAQUE, _ADAPTER_TYPES)}")
+    return [(name, is_feedforward(cfg, name)) for name in found]
 
 
 # ================================================================== model-level API
+_METHOD = LayerMethod(IA3Linear, IA3Config, store="ia3_l", param_stores=("ia3_l",), config_attr=CONFIG_ATTR,
+                      active_attr=ACTIVE_ATTR, label="IA3 ")
+
+
 def get_configs(model: nn.Module) -> dict[str, IA3Config]:
     """name -> IA3Config of the IA3 adapters added to ``model`` (empty if none)."""
-    return getattr(model, CONFIG_ATTR, None) or {}
+    return _METHOD.get_configs(model)
 
 
 def ia3_layers(model: nn.Module) -> Iterator[tuple[str, IA3Linear]]:
-    for name, m in model.named_modules():
-        if isinstance(m, IA3Linear):
-            yield name, m
-
-
-def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    for name, m in model.named_modules():
-        if isinstance(m, ModulesToSaveWrapper):
-            yield name, m
-
-
-def _check_name(adapter_name) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
+    return _METHOD.layers(model)
 
 
 def _inject(model: nn.Module, cfg: IA3Config, adapter_name: str) -> None:
-    if not isinstance(cfg, IA3Config):
-        raise TypeError(f"cfg must be a peft_kernels IA3Config, got {type(cfg).__name__} "
-                        f"(use IA3Config.from_peft_dict(peft_config.to_dict()) for a PEFT config)")
-    _check_name(adapter_name)
-    configs = get_configs(model)
-    if adapter_name in configs:
-        raise ValueError(f"the model already has an IA3 adapter named {adapter_name!r}")
-    if str(cfg.task_type or "").upper() == "SEQ_CLS":
-        # As PEFT's PeftModelForSequenceClassification: the (new) classification head trains in full.
-        cfg = dataclasses.replace(cfg, modules_to_save=list(cfg.modules_to_save or []) + list(SEQ_CLS_HEAD_NAMES))
-    targets = resolve_targets(model, cfg)  # raises before anything changes
-    for name, ff in targets:
+    _METHOD.check_new(model, cfg, adapter_name)
+    cfg = with_seq_cls_heads(cfg)
+    targets = dict(resolve_targets(model, cfg))  # raises before anything changes
+    for name, ff in targets.items():
         m = model.get_submodule(name)
         if isinstance(m, IA3Linear) and m.is_feedforward != ff:
             raise ValueError(f"{name} already holds IA3 adapters {sorted(m.ia3_l)} with feedforward="
                              f"{m.is_feedforward}; this config makes it feedforward={ff} (one layer scales either "
                              f"its input or its output)")
-    mts = []
-    if cfg.modules_to_save:
-        keys = [n for n, _ in _candidate_modules(model)]
-        mts = [k for k in keys if any(k.endswith(t) for t in cfg.modules_to_save)]
-        if not mts:
-            raise ValueError(f"modules_to_save {cfg.modules_to_save!r} matched no module of {type(model).__name__}")
-    done: list[IA3Linear] = []
-    new_layers: dict[str, IA3Linear] = {}
-    grad_flags = {}
-    try:
-        for name, ff in targets:
-            m = model.get_submodule(name)
-            if not isinstance(m, IA3Linear):
-                grad_flags.update({p: p.requires_grad for p in m.parameters()})
-            layer = m if isinstance(m, IA3Linear) else IA3Linear(m, adapter_name=None, feedforward=ff)
-            layer.add_adapter(adapter_name, init_ia3_weights=cfg.init_ia3_weights)
-            done.append(layer)
-            if layer is not m:
-                new_layers[name] = layer
-    except Exception:
-        for layer in done:  # nothing half-applied
-            if adapter_name in layer.ia3_l:
-                layer.delete_adapter(adapter_name)
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
-        raise
-    for name, layer in new_layers.items():
-        parent, child = get_parent(model, name)
-        setattr(parent, child, layer)
-    for name in mts:
-        m = model.get_submodule(name)
-        if isinstance(m, ModulesToSaveWrapper):
-            m.add_adapter(adapter_name)
-        else:
-            parent, child = get_parent(model, name)
-            setattr(parent, child, ModulesToSaveWrapper(m, adapter_name))
-    conv1d = any(model.get_submodule(n).fan_in_fan_out for n, _ in targets)
-    setattr(model, CONFIG_ATTR, {**configs, adapter_name: dataclasses.replace(cfg, fan_in_fan_out=conv1d)})
+    mts = resolve_modules_to_save(model, cfg.modules_to_save, _OPAQUE)
+    _METHOD.inject(model, cfg, adapter_name, list(targets), mts,
+                   lambda name, m: IA3Linear(m, adapter_name=None, feedforward=targets[name]),
+                   lambda name, layer: layer.add_adapter(adapter_name, init_ia3_weights=cfg.init_ia3_weights))
 
 
 def _freeze_base(model: nn.Module) -> None:
     """Freeze everything that is not adapter state (IA3 vectors, modules_to_save copies); the layers'
     ``set_adapter`` decides which vectors train."""
-    keep = set()
-    for _, layer in ia3_layers(model):
-        keep.update(id(p) for p in layer.ia3_l.parameters())
-    for _, w in _wrappers(model):
-        keep.update(id(p) for p in w.modules_to_save.parameters())
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.requires_grad_(False)
+    _METHOD.freeze_base(model)
 
 
 def apply(model: nn.Module, cfg: IA3Config, adapter_name: str = "default") -> nn.Module:
@@ -337,61 +255,21 @@ def add_adapter(model: nn.Module, cfg: IA3Config, adapter_name: str) -> nn.Modul
 
 def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
     """Activate one adapter or several (their vectors multiply, as in PEFT); the others are frozen."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    known = get_configs(model)
-    for n in names:
-        if n not in known:
-            raise KeyError(f"unknown IA3 adapter {n!r}; the model has {sorted(known)}")
-    for _, layer in ia3_layers(model):
-        layer.set_adapter([n for n in names if n in layer.ia3_l])
-    for wname, w in _wrappers(model):
-        have = [n for n in names if n in w.modules_to_save]
-        if len(have) > 1:
-            raise ValueError(f"adapters {have} each have a modules_to_save copy of {wname!r}; only one can be "
-                             f"active there")
-        w.set_adapter(have[0] if have else None)
-    setattr(model, ACTIVE_ATTR, names)
+    _METHOD.set_adapter(model, adapter_name)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(getattr(model, ACTIVE_ATTR, None) or [])
+    return _METHOD.active_adapters(model)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter everywhere; layers left without adapters go back to their base module."""
-    configs = get_configs(model)
-    if adapter_name not in configs:
-        raise KeyError(f"unknown IA3 adapter {adapter_name!r}; the model has {sorted(configs)}")
-    for name, layer in ia3_layers(model):
-        if adapter_name in layer.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into {name}; unmerge it before deleting it")
-    for name, layer in list(ia3_layers(model)):
-        if adapter_name in layer.ia3_l:
-            layer.delete_adapter(adapter_name)
-        if not layer.ia3_l and not layer.merged_adapters:
-            parent, child = get_parent(model, name)
-            setattr(parent, child, layer.base_layer)
-    for name, w in list(_wrappers(model)):
-        w.delete_adapter(adapter_name)
-        if not w.modules_to_save:
-            parent, child = get_parent(model, name)
-            setattr(parent, child, w.original_module)
-    setattr(model, CONFIG_ATTR, {k: v for k, v in configs.items() if k != adapter_name})
-    setattr(model, ACTIVE_ATTR, [a for a in active_adapters(model) if a != adapter_name])
+    _METHOD.delete_adapter(model, adapter_name)
 
 
-@contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Context manager: the model computes as its base (no scaling, original modules_to_save)."""
-    mods = [m for _, m in ia3_layers(model)] + [w for _, w in _wrappers(model)]
-    before = [m.disabled for m in mods]
-    for m in mods:
-        m.disabled = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(mods, before):
-            m.disabled = b
+    return _METHOD.disable_adapters(model)
 
 
 def merge_and_unload(model: nn.Module, mode: str = "exact", adapter_names: Optional[list[str]] = None,
@@ -402,30 +280,7 @@ def merge_and_unload(model: nn.Module, mode: str = "exact", adapter_names: Optio
     (becomes an ``nn.Linear`` in ``dtype``) — see :class:`~peft_kernels.nn.ia3.IA3Linear`. ``modules_to_save``
     wrappers are replaced by the active adapter's copy. Returns ``model``.
     """
-    layers = list(ia3_layers(model))
-    if mode not in ("exact", "requantize", "dequantize"):
-        raise ValueError(f"mode must be 'exact', 'requantize' or 'dequantize', got {mode!r}")
-    if mode == "exact" and any(layer._kind == "4bit" for _, layer in layers):
-        raise ValueError("the model has 4-bit base layers: pass mode='dequantize' (16-bit result, exactly what "
-                         "was trained) or mode='requantize' (stays 4-bit, one more rounding)")
-    if adapter_names is not None:
-        known = get_configs(model)
-        for n in adapter_names:
-            if n not in known:
-                raise KeyError(f"unknown IA3 adapter {n!r}; the model has {sorted(known)}")
-    for name, layer in layers:
-        want = adapter_names if adapter_names is not None else layer.active_adapters
-        layer.disabled = False
-        layer.merge([n for n in want if n in layer.ia3_l], mode=mode, dtype=dtype)
-        parent, child = get_parent(model, name)
-        setattr(parent, child, layer.base_layer)
-    for name, w in list(_wrappers(model)):
-        parent, child = get_parent(model, name)
-        setattr(parent, child, w.modules_to_save[w.active_adapter] if w.active_adapter is not None
-                else w.original_module)
-    for attr in (CONFIG_ATTR, ACTIVE_ATTR):
-        model.__dict__.pop(attr, None)
-    return model
+    return _METHOD.merge_and_unload(model, mode, adapter_names, dtype)
 
 
 # ================================================================== reporting
@@ -446,19 +301,6 @@ def ia3_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str,
 
 
 # ================================================================== files
-def _name_or_path(model: nn.Module) -> Optional[str]:
-    for obj in (model, getattr(model, "config", None)):
-        for attr in ("name_or_path", "_name_or_path"):
-            v = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(v, str) and v:
-                return v
-    return None
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and isinstance(getattr(model, "base_model", None), nn.Module)
-
-
 def save_ia3(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
              base_model_name_or_path: Optional[str] = None) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to ``directory`` in PEFT's IA3 format; returns its path.
@@ -468,7 +310,7 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike, adapter_name: str =
     rebuilds exactly these layers; the base model's fingerprint is recorded. Atomic: an existing adapter in
     ``directory`` is never half overwritten.
     """
-    if _is_peft_model(model):
+    if is_peft_model(model, tuner=False):
         raise TypeError("this is a peft.PeftModel: save it with its own save_pretrained()")
     layers = [(n, m) for n, m in ia3_layers(model) if adapter_name in m.ia3_l]
     wrappers = [(n, w) for n, w in _wrappers(model) if adapter_name in w.modules_to_save]
@@ -484,7 +326,7 @@ def save_ia3(model: nn.Module, directory: str | os.PathLike, adapter_name: str =
         "exclude_modules": None,
         "fan_in_fan_out": all(m.fan_in_fan_out for _, m in layers),  # what PEFT records for GPT-2's Conv1D
         "inference_mode": True,  # as PEFT writes it
-        "base_model_name_or_path": base_model_name_or_path or cfg.base_model_name_or_path or _name_or_path(model),
+        "base_model_name_or_path": base_model_name_or_path or cfg.base_model_name_or_path or name_or_path(model),
         FINGERPRINT_KEY: model_fingerprint(model),
     })
     tensors = {f"{PEFT_PREFIX}{n}.ia3_l": m.ia3_l[adapter_name].detach() for n, m in layers}
@@ -613,10 +455,10 @@ def load_ia3(model: nn.Module, directory: str | os.PathLike, adapter_name: str =
     ``PeftModel.from_pretrained``); otherwise it is added inactive; an existing ``adapter_name`` on the same
     modules has its values replaced in place. ``is_trainable=False`` freezes what the load wrote.
     """
-    if _is_peft_model(model):
+    if is_peft_model(model, tuner=False):
         raise TypeError("this is a peft.PeftModel: load adapters into it with its own load_adapter(), or pass "
                         "the base transformers model here")
-    _check_name(adapter_name)
+    check_adapter_name(adapter_name)
     plan = _plan_load(model, Path(directory), adapter_name)
     flags = {p: p.requires_grad for p in model.parameters()}
     attrs = {a: model.__dict__.get(a) for a in (CONFIG_ATTR, ACTIVE_ATTR)}

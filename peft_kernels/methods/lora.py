@@ -27,7 +27,6 @@ PEFT's ``adapter_config.json``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -36,13 +35,14 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear, ModulesToSaveWrapper
+from ._adapter_layers import LayerMethod
 from ._common import get_parent, print_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
+from .targets import ALL_LINEAR, SEQ_CLS_HEAD_NAMES  # noqa: F401 (re-exported)
+from .targets import (find_linear_targets, linear_names, pattern_value, resolve_modules_to_save,
+                      with_seq_cls_heads)
 
 CONFIG_ATTR = "peft_kernels_lora_configs"
-ALL_LINEAR = "all-linear"
-SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
 #: PEFT's default ``target_modules`` per ``model.config.model_type`` (the common architectures).
 DEFAULT_TARGET_MODULES = {
@@ -184,89 +184,12 @@ class LoraConfig:
 
 
 # ================================================================== matching
-def _is_linear(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.Linear, Linear4bit, LoraLinear))
-            or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
-
-
-def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every module outside LoRA layers' and ModulesToSaveWrappers' insides."""
-    out, stop = [], []
-    for name, m in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in stop):
-            continue
-        out.append((name, m))
-        if isinstance(m, (LoraLinear, ModulesToSaveWrapper)):
-            stop.append(name)
-    return out
-
-
-def _output_head_names(model: nn.Module, cfg: LoraConfig) -> set[str]:
-    heads = []
-    get = getattr(model, "get_output_embeddings", None)
-    out_emb = None
-    if callable(get):
-        try:
-            out_emb = get()
-        except (NotImplementedError, AttributeError):
-            out_emb = None
-    if out_emb is not None:
-        heads.append(out_emb)
-    elif str(cfg.task_type or "").upper() == "SEQ_CLS":
-        for n in SEQ_CLS_HEAD_NAMES:
-            if isinstance(getattr(model, n, None), nn.Module):
-                heads.append(getattr(model, n))
-                break
-    ids = {id(h) for h in heads}
-    names = set()
-    for name, m in model.named_modules():
-        if id(m) in ids:
-            names.add(name)
-        if isinstance(m, (LoraLinear, ModulesToSaveWrapper)) and any(
-                id(c) in ids for c in m.modules() if c is not m):
-            names.add(name)
-    return names
-
-
-def _list_match(targets, key: str) -> bool:
-    return key in targets or any(key.endswith("." + t) for t in targets)
-
-
-def _layer_index(key: str, layers_pattern) -> Optional[int]:
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        m = None
-        for pat in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern):
-            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", key)
-            if m is not None:
-                break
-    return None if m is None else int(m.group("idx"))
-
-
-def _matches(cfg: LoraConfig, targets, key: str) -> bool:
-    ex = cfg.exclude_modules
-    if ex:
-        if (re.fullmatch(ex, key) if isinstance(ex, str) else _list_match(ex, key)):
-            return False
-    if cfg.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in cfg.modules_to_save):
-        return False
-    if isinstance(targets, str):
-        return re.fullmatch(targets, key) is not None
-    if not _list_match(targets, key):
-        return False
-    lt = cfg.layers_to_transform
-    if lt is None or (isinstance(lt, list) and not lt):
-        return True
-    idx = _layer_index(key, cfg.layers_pattern)
-    if idx is None:
-        return False
-    return idx == lt if isinstance(lt, int) else idx in lt
+_ADAPTER_TYPES = (LoraLinear,)
+_OPAQUE = (LoraLinear, ModulesToSaveWrapper)  # never targeted inside
 
 
 def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Full names of the modules ``cfg`` targets in ``model``; raises if it targets nothing or a non-linear."""
-    cands = _candidate_modules(model)
     targets = cfg.target_modules
     if targets is None:
         mt = getattr(getattr(model, "config", None), "model_type", None)
@@ -274,122 +197,50 @@ def resolve_targets(model: nn.Module, cfg: LoraConfig) -> list[str]:
             raise ValueError(f"target_modules is not set and there is no default for model type {mt!r}: "
                              f"pass target_modules (a list of names, a regex, or 'all-linear')")
         targets = DEFAULT_TARGET_MODULES[mt]
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        heads = _output_head_names(model, cfg)
-        targets = [n for n, m in cands if _is_linear(m) and n not in heads]
-    found = []
-    for name, m in cands:
-        if not _matches(cfg, targets, name):
-            continue
-        if isinstance(m, ModulesToSaveWrapper):
-            continue
-        if not _is_linear(m):
-            raise ValueError(f"target module {name!r} is a {type(m).__name__}; LoRA here supports nn.Linear, "
-                             f"transformers Conv1D and Linear4bit layers")
-        found.append(name)
+    found = find_linear_targets(model, targets, method="LoRA", wrappers=_ADAPTER_TYPES, opaque=_OPAQUE,
+                                task_type=cfg.task_type, exclude_modules=cfg.exclude_modules,
+                                modules_to_save=cfg.modules_to_save, layers_to_transform=cfg.layers_to_transform,
+                                layers_pattern=cfg.layers_pattern)
     if not found:
-        sample = [n for n, m in cands if _is_linear(m)][:6]
         raise ValueError(f"target_modules {cfg.target_modules!r} matched no module of {type(model).__name__} "
                          f"(with layers_to_transform={cfg.layers_to_transform!r}, exclude_modules="
-                         f"{cfg.exclude_modules!r}); linear layers are named like {sample}")
+                         f"{cfg.exclude_modules!r}); linear layers are named like "
+                         f"{linear_names(model, _OPAQUE, _ADAPTER_TYPES)}")
     return found
 
 
-def _pattern_value(patterns: dict, key: str, default):
-    for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", key):
-            return patterns[k]
-    return default
-
-
 # ================================================================== model-level API
+_METHOD = LayerMethod(LoraLinear, LoraConfig, store="lora_A", param_stores=("lora_A", "lora_B", "lora_magnitude_vector"),
+                      config_attr=CONFIG_ATTR, active_attr="peft_kernels_active_adapters")
+
+
 def get_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """name -> LoraConfig of the adapters added to ``model`` (empty if none)."""
-    return getattr(model, CONFIG_ATTR, None) or {}
+    return _METHOD.get_configs(model)
 
 
 def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLinear):
-            yield name, m
-
-
-def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    for name, m in model.named_modules():
-        if isinstance(m, ModulesToSaveWrapper):
-            yield name, m
+    return _METHOD.layers(model)
 
 
 def _inject(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> None:
-    if not isinstance(cfg, LoraConfig):
-        raise TypeError(f"cfg must be a peft_kernels LoraConfig, got {type(cfg).__name__} "
-                        f"(use LoraConfig.from_peft_dict(peft_config.to_dict()) for a PEFT config)")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
-    configs = get_configs(model)
-    if adapter_name in configs:
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}")
-    if str(cfg.task_type or "").upper() == "SEQ_CLS":
-        # As PEFT's PeftModelForSequenceClassification: the (new) classification head trains in full.
-        cfg = dataclasses.replace(cfg, modules_to_save=list(cfg.modules_to_save or []) + list(SEQ_CLS_HEAD_NAMES))
+    _METHOD.check_new(model, cfg, adapter_name)
+    cfg = with_seq_cls_heads(cfg)
     targets = resolve_targets(model, cfg)  # raises before anything changes
-    mts = []
-    if cfg.modules_to_save:
-        keys = [n for n, _ in _candidate_modules(model)]
-        mts = [k for k in keys if any(k.endswith(t) for t in cfg.modules_to_save)]
-        if not mts:  # (PEFT, too, only objects when none of the names is found)
-            raise ValueError(f"modules_to_save {cfg.modules_to_save!r} matched no module of {type(model).__name__}")
-    done: list[LoraLinear] = []
-    new_layers: dict[str, LoraLinear] = {}
-    grad_flags = {}
-    try:
-        for name in targets:
-            m = model.get_submodule(name)
-            if not isinstance(m, LoraLinear):
-                grad_flags.update({p: p.requires_grad for p in m.parameters()})
-            layer = m if isinstance(m, LoraLinear) else LoraLinear(m, adapter_name=None)
-            layer.add_adapter(adapter_name, _pattern_value(cfg.rank_pattern, name, cfg.r),
-                              _pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha), lora_dropout=cfg.lora_dropout,
-                              use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
-                              init_lora_weights=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
-            done.append(layer)
-            if layer is not m:
-                new_layers[name] = layer
-    except Exception:
-        for layer in done:  # nothing half-applied
-            if adapter_name in layer.lora_A:
-                layer.delete_adapter(adapter_name)
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
-        raise
-    for name, layer in new_layers.items():
-        parent, child = get_parent(model, name)
-        setattr(parent, child, layer)
-    for name in mts:
-        m = model.get_submodule(name)
-        if isinstance(m, ModulesToSaveWrapper):
-            m.add_adapter(adapter_name)
-        else:
-            parent, child = get_parent(model, name)
-            setattr(parent, child, ModulesToSaveWrapper(m, adapter_name))
-    configs = dict(configs)
-    # As PEFT does, the stored config says fan_in_fan_out=True when it targets transformers Conv1D layers.
-    conv1d = any(getattr(model.get_submodule(n), "fan_in_fan_out", False) for n in targets)
-    configs[adapter_name] = dataclasses.replace(cfg, fan_in_fan_out=conv1d)
-    setattr(model, CONFIG_ATTR, configs)
+    mts = resolve_modules_to_save(model, cfg.modules_to_save, _OPAQUE)
+
+    def add(name: str, layer: LoraLinear) -> None:
+        layer.add_adapter(adapter_name, pattern_value(cfg.rank_pattern, name, cfg.r),
+                          pattern_value(cfg.alpha_pattern, name, cfg.lora_alpha), lora_dropout=cfg.lora_dropout,
+                          use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                          init_lora_weights=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+
+    _METHOD.inject(model, cfg, adapter_name, targets, mts, lambda name, m: LoraLinear(m, adapter_name=None), add)
 
 
 def _freeze_base(model: nn.Module) -> None:
     """Freeze everything that is not adapter state (LoRA A/B/magnitude, modules_to_save copies)."""
-    adapter_params = set()
-    for _, layer in _lora_layers(model):
-        for mod in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
-            adapter_params.update(id(p) for p in mod.parameters())
-    for _, w in _wrappers(model):
-        adapter_params.update(id(p) for p in w.modules_to_save.parameters())
-    for p in model.parameters():
-        if id(p) not in adapter_params:
-            p.requires_grad_(False)
+    _METHOD.freeze_base(model)
 
 
 def _apply_bias_rule(model: nn.Module, bias: str) -> None:
@@ -433,62 +284,21 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, adapter_name: str) -> nn.Modu
 
 def set_adapter(model: nn.Module, adapter_name: Union[str, list[str]]) -> None:
     """Activate one adapter, or several at once (their outputs add up); the others are frozen."""
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-    known = get_configs(model)
-    for n in names:
-        if n not in known:
-            raise KeyError(f"unknown adapter {n!r}; the model has {sorted(known)}")
-    for _, layer in _lora_layers(model):
-        layer.set_adapter([n for n in names if n in layer.lora_A])
-    for wname, w in _wrappers(model):
-        have = [n for n in names if n in w.modules_to_save]
-        if len(have) > 1:
-            raise ValueError(f"adapters {have} each have a modules_to_save copy of {wname!r}; only one can be "
-                             f"active there")
-        w.set_adapter(have[0] if have else None)
-    model.peft_kernels_active_adapters = names
+    _METHOD.set_adapter(model, adapter_name)
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(getattr(model, "peft_kernels_active_adapters", None) or [])
+    return _METHOD.active_adapters(model)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter everywhere; layers left without adapters go back to their base module."""
-    configs = get_configs(model)
-    if adapter_name not in configs:
-        raise KeyError(f"unknown adapter {adapter_name!r}; the model has {sorted(configs)}")
-    for _, layer in _lora_layers(model):
-        if adapter_name in layer.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting it")
-    for name, layer in list(_lora_layers(model)):
-        if adapter_name in layer.lora_A:
-            layer.delete_adapter(adapter_name)
-        if not layer.lora_A and not layer.merged_adapters:
-            parent, child = get_parent(model, name)
-            setattr(parent, child, layer.base_layer)
-    for name, w in list(_wrappers(model)):
-        w.delete_adapter(adapter_name)
-        if not w.modules_to_save:
-            parent, child = get_parent(model, name)
-            setattr(parent, child, w.original_module)
-    configs = {k: v for k, v in configs.items() if k != adapter_name}
-    setattr(model, CONFIG_ATTR, configs)
-    model.peft_kernels_active_adapters = [a for a in active_adapters(model) if a != adapter_name]
+    _METHOD.delete_adapter(model, adapter_name)
 
 
-@contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Context manager: the model computes as its base (no LoRA term, original modules_to_save)."""
-    mods = [m for _, m in _lora_layers(model)] + [w for _, w in _wrappers(model)]
-    before = [m.disabled for m in mods]
-    for m in mods:
-        m.disabled = True
-    try:
-        yield model
-    finally:
-        for m, b in zip(mods, before):
-            m.disabled = b
+    return _METHOD.disable_adapters(model)
 
 
 def merge_and_unload(model: nn.Module, mode: str = "exact", adapter_names: Optional[list[str]] = None,
@@ -500,31 +310,7 @@ def merge_and_unload(model: nn.Module, mode: str = "exact", adapter_names: Optio
     dtype, holding exactly the trained ``dequant(W4) + sBA``) — see :class:`~peft_kernels.nn.LoraLinear`.
     ``modules_to_save`` wrappers are replaced by the active adapter's copy. Returns ``model``.
     """
-    layers = list(_lora_layers(model))
-    if mode not in ("exact", "requantize", "dequantize"):
-        raise ValueError(f"mode must be 'exact', 'requantize' or 'dequantize', got {mode!r}")
-    if mode == "exact" and any(layer._kind == "4bit" for _, layer in layers):
-        raise ValueError("the model has 4-bit base layers: pass mode='dequantize' (16-bit result, exactly what "
-                         "was trained) or mode='requantize' (stays 4-bit, one more rounding)")
-    if adapter_names is not None:
-        known = get_configs(model)
-        for n in adapter_names:
-            if n not in known:
-                raise KeyError(f"unknown adapter {n!r}; the model has {sorted(known)}")
-    for name, layer in layers:
-        want = adapter_names if adapter_names is not None else layer.active_adapters
-        layer.disabled = False
-        layer.merge([n for n in want if n in layer.lora_A], mode=mode, dtype=dtype)
-        parent, child = get_parent(model, name)
-        setattr(parent, child, layer.base_layer)
-    for name, w in list(_wrappers(model)):
-        parent, child = get_parent(model, name)
-        keep = w.modules_to_save[w.active_adapter] if w.active_adapter is not None else w.original_module
-        setattr(parent, child, keep)
-    for attr in (CONFIG_ATTR, "peft_kernels_active_adapters"):
-        if attr in model.__dict__:
-            delattr(model, attr)
-    return model
+    return _METHOD.merge_and_unload(model, mode, adapter_names, dtype)
 
 
 # ================================================================== reporting / state

@@ -40,8 +40,8 @@ from torch import nn
 from ..io.method_files import (CONFIG_NAME, AdapterLoadError, check_fingerprint, check_peft_type,
                                read_method_files, write_method_files)
 from ..nn.prompt import PrefixEncoder
-from ._common import freeze, print_trainable_parameters, trainable_parameters
-from .prompt_tuning import (TENSOR_KEY, _config_int, _file_int, _peft_common_fields, check_context,
+from ._common import freeze, print_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
+from .prompt_tuning import (TENSOR_KEY, PromptModel, _config_int, _file_int, _peft_common_fields, check_context,
                             check_per_token, check_position_ids, check_prompt_model, check_single_submodule,
                             check_tensor_file, forward_accepts, input_batch_and_length, new_token_lengths,
                             prepend_ones, reject_cache)
@@ -142,7 +142,7 @@ _CHECKPOINTING_ERROR = ("prefix tuning does not work with gradient checkpointing
                         "model.gradient_checkpointing_disable()")
 
 
-class PrefixTuningModel(nn.Module):
+class PrefixTuningModel(PromptModel):
     """A frozen decoder-only model with trainable per-layer key/value prefixes.
 
     Attributes: ``base_model`` (frozen), ``prompt_encoder``
@@ -178,20 +178,6 @@ class PrefixTuningModel(nn.Module):
     @property
     def num_virtual_tokens(self) -> int:
         return self.peft_config.num_virtual_tokens
-
-    @property
-    def config(self):
-        """The base model's transformers config."""
-        return self.base_model.config
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.base_model.get_input_embeddings()
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        return trainable_parameters(self)
-
-    def print_trainable_parameters(self) -> None:
-        print_trainable_parameters(self)
 
     def prefix_cache(self, batch_size: int):
         """A new ``DynamicCache`` whose layer i holds the prefix keys/values [B, kv_heads, p, head_dim].

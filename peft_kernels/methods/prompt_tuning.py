@@ -34,6 +34,7 @@ from torch import nn
 
 from ..io.method_files import (CONFIG_NAME, FINGERPRINT_KEY, WEIGHTS_NAME, AdapterLoadError, check_fingerprint,
                                check_peft_type, model_fingerprint, read_method_files, write_method_files)
+from ..io.method_files import name_or_path  # noqa: F401 (re-exported: part of this module's API)
 from ..nn.prompt import PromptEmbedding, repeat_to_length
 from ._common import freeze, print_trainable_parameters, trainable_parameters
 
@@ -121,7 +122,28 @@ class PromptTuningConfig:
         return repeat_to_length(ids, self.num_virtual_tokens)
 
 
-class PromptTuningModel(nn.Module):
+class PromptModel(nn.Module):
+    """What PromptTuningModel and PrefixTuningModel share: a frozen ``base_model`` and PEFT's small API."""
+
+    base_model: nn.Module
+
+    @property
+    def config(self):
+        """The base model's transformers config (what trainers and generation utilities look for)."""
+        return self.base_model.config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameters; 4-bit weights count their logical weights (as PEFT)."""
+        return trainable_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        print_trainable_parameters(self)
+
+
+class PromptTuningModel(PromptModel):
     """A frozen model with a trainable soft prompt in front of every input.
 
     Attributes: ``base_model`` (the wrapped model, frozen), ``prompt_encoder``
@@ -160,21 +182,6 @@ class PromptTuningModel(nn.Module):
     @property
     def num_virtual_tokens(self) -> int:
         return self.prompt_encoder.num_virtual_tokens
-
-    @property
-    def config(self):
-        """The base model's transformers config (what trainers and generation utilities look for)."""
-        return self.base_model.config
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.base_model.get_input_embeddings()
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameters; 4-bit weights count their logical weights (as PEFT)."""
-        return trainable_parameters(self)
-
-    def print_trainable_parameters(self) -> None:
-        print_trainable_parameters(self)
 
     def get_prompt(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """P as [batch_size, p, hidden] in ``dtype`` (default the word embeddings' dtype)."""
@@ -466,15 +473,6 @@ def new_token_lengths(kwargs: dict, length: int) -> dict:
     if min_length is not None and kwargs.get("min_new_tokens") is None:
         kwargs["min_new_tokens"] = max(min_length - length, 0)
     return kwargs
-
-
-def name_or_path(model: nn.Module) -> Optional[str]:
-    for obj in (model, getattr(model, "config", None)):
-        for attr in ("name_or_path", "_name_or_path"):
-            v = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(v, str) and v:
-                return v
-    return None
 
 
 def task_type(model: nn.Module) -> Optional[str]:

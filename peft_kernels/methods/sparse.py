@@ -56,11 +56,11 @@ from ..nn.sparse import (MERGE_MODES, SparseLinear, check_block_size, check_indi
                          num_positions, values_shape)
 from ..ops import reference
 from ._common import freeze, get_parent, print_trainable_parameters, trainable_parameters  # noqa: F401
+from .targets import ALL_LINEAR, is_linear, output_head_names
 
 PEFT_TYPE = "SPARSE"
 FORMAT_VERSION = 1
 CONFIG_ATTR = "peft_kernels_sparse_config"
-ALL_LINEAR = "all-linear"
 SELECTIONS = ("random", "magnitude", "gradient")
 _CHUNK_ELEMS = 1 << 20  # row chunk size for magnitude selection (elements)
 
@@ -138,26 +138,11 @@ def get_config(model: nn.Module) -> Optional[SparseConfig]:
 
 
 # ================================================================== matching
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, Linear4bit)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
-
-
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLinear]]:
     """(name, layer) of every SparseLinear in ``model``, in module order."""
     for name, m in model.named_modules():
         if isinstance(m, SparseLinear):
             yield name, m
-
-
-def _output_heads(model: nn.Module) -> set[str]:
-    get = getattr(model, "get_output_embeddings", None)
-    head = None
-    if callable(get):
-        try:
-            head = get()
-        except (NotImplementedError, AttributeError):
-            head = None
-    return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
 def _match(spec, names: list[str], what: str) -> set[str]:
@@ -181,10 +166,10 @@ def resolve_targets(model: nn.Module, cfg: SparseConfig) -> list[str]:
     """Full names of the linear modules ``cfg`` targets in ``model`` (module order); raises ValueError for
     list entries naming no module, targets that are not linear layers, or an empty result."""
     names = [n for n, _ in model.named_modules() if n]
-    linear = {n for n, m in model.named_modules() if n and _is_linear(m)}
+    linear = {n for n, m in model.named_modules() if n and is_linear(m)}
     spec = cfg.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        chosen = linear - _output_heads(model)
+        chosen = linear - output_head_names(model)
     else:
         chosen = _match(spec, names, "target_modules")
         bad = sorted(chosen - linear)
@@ -642,7 +627,7 @@ def load_sparse(model: nn.Module, directory) -> nn.Module:
             m = model.get_submodule(name)
         except AttributeError:
             raise _load_error(directory, f"module {name!r} does not exist in {type(model).__name__}") from None
-        if not isinstance(m, SparseLinear) and not _is_linear(m):
+        if not isinstance(m, SparseLinear) and not is_linear(m):
             raise _load_error(directory, f"module {name!r} is a {type(m).__name__}, not a linear layer")
         n, k = SparseLinear._shape(m.base_layer if isinstance(m, SparseLinear) else m)
         if not isinstance(meta, dict) or list(meta.get("shape", [])) != [n, k]:
