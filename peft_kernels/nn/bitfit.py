@@ -22,21 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES
 from ..ops.bitfit import bitfit_linear_4bit, bitfit_linear_dense
-from .linear4bit import Linear4bit
+from ._base import (INPUT_DTYPES, base_kind as _base_kind, base_shape, check_input, compute_dtype, dense_weight,
+                    quant_args, storage_dtype)
 
 
 def base_kind(layer: nn.Module) -> str:
     """'4bit', 'linear' or 'conv1d' for a layer BitFit can wrap; TypeError naming the class otherwise."""
-    if isinstance(layer, Linear4bit):
-        return "4bit"
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return "conv1d"
-    raise TypeError(f"BitFitLinear wraps nn.Linear, transformers Conv1D or peft_kernels.nn.Linear4bit, got "
-                    f"{type(layer).__name__} (convert a bitsandbytes layer with Linear4bit.from_bnb first)")
+    return _base_kind(layer, "BitFitLinear")
 
 
 class BitFitLinear(nn.Module):
@@ -54,14 +47,11 @@ class BitFitLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         self._kind = base_kind(base_layer)
-        if bias_dtype not in FLOAT_DTYPES + (torch.float64,):
+        if bias_dtype not in INPUT_DTYPES:
             raise TypeError(f"bias_dtype must be a float dtype, got {bias_dtype}")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        if self._kind == "conv1d":
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        self.out_features, self.in_features = base_shape(base_layer)
         dev = base_layer.weight.device
         old = base_layer.bias
         init = (torch.zeros(self.out_features, dtype=bias_dtype, device=dev) if old is None
@@ -76,24 +66,13 @@ class BitFitLinear(nn.Module):
 
     def _dense_weight(self) -> torch.Tensor:
         """The dense base weight as [N, K] (a transposed view for Conv1D)."""
-        w = self.base_layer.weight
-        return w.t() if self._kind == "conv1d" else w
+        return dense_weight(self.base_layer)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        if self._kind == "4bit" and self.base_layer.compute_dtype is not None:
-            return self.base_layer.compute_dtype
-        return x.dtype
+        return compute_dtype(self.base_layer, x)
 
     def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"BitFitLinear input must be a float32/float16/bfloat16 (or float64) tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x has shape {tuple(x.shape)} but the layer is [{self.out_features}, "
-                             f"{self.in_features}]: the last dimension of x must be {self.in_features}")
+        check_input(x, "BitFitLinear", self.out_features, self.in_features)
         if x.device != self.bias.device:
             raise ValueError(f"x is on {x.device} but the layer is on {self.bias.device}: move one of them")
 
@@ -104,13 +83,7 @@ class BitFitLinear(nn.Module):
         cdt = self._compute_dtype(x)
         xc = x if x.dtype == cdt else x.to(cdt)
         if self._kind == "4bit":
-            base = self.base_layer
-            qs = base.quant_state
-            n = qs.nested
-            y = bitfit_linear_4bit(xc.contiguous(), base.weight, qs.absmax, qs.code,
-                                   None if n is None else n.absmax, None if n is None else n.code,
-                                   0.0 if n is None else float(n.offset), qs.blocksize, self.out_features,
-                                   self.bias)
+            y = bitfit_linear_4bit(xc.contiguous(), *quant_args(self.base_layer), self.out_features, self.bias)
             return y if y.dtype == in_dtype else y.to(in_dtype)
         return bitfit_linear_dense(xc, self._dense_weight(), self.bias)
 
@@ -124,8 +97,7 @@ class BitFitLinear(nn.Module):
         """Write the trained bias into the base layer (in place, in the base's parameter dtype; created when
         the base had none, frozen) and return that layer: a plain nn.Linear / Conv1D / Linear4bit."""
         base = self.base_layer
-        dtype = base.weight_dtype if self._kind == "4bit" else base.weight.dtype
-        base.bias = nn.Parameter(self.bias.detach().to(dtype, copy=True), requires_grad=False)
+        base.bias = nn.Parameter(self.bias.detach().to(storage_dtype(base), copy=True), requires_grad=False)
         return base
 
     def extra_repr(self) -> str:

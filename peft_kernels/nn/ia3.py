@@ -27,23 +27,11 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES
-from .linear4bit import Linear4bit
+from ._base import INPUT_DTYPES, WrapsBase, base_kind, base_shape, check_input
 
 MERGE_MODES = ("exact", "requantize", "dequantize")
 #: Rows of (t ⊙ dY) reduced at once in the backward: bounds the float32 temporary to 16 MiB per 1M elements.
 _REDUCE_CHUNK_ELEMS = 1 << 22
-
-
-def _base_kind(layer: nn.Module) -> str:
-    if isinstance(layer, Linear4bit):
-        return "4bit"
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return "conv1d"
-    raise TypeError(f"IA3Linear wraps nn.Linear, transformers Conv1D or peft_kernels.nn.Linear4bit, got "
-                    f"{type(layer).__name__} (convert a bitsandbytes layer with Linear4bit.from_bnb first)")
 
 
 def _scale_product(ls: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -113,7 +101,7 @@ def ia3_scale(t: torch.Tensor, ls: list[torch.Tensor]) -> torch.Tensor:
     return _ScaleLastDim.apply(t, *ls)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrapsBase, nn.Module):
     """A frozen linear base plus named (IA)³ scaling vectors (PEFT's ``IA3Layer`` layout).
 
     Args:
@@ -140,12 +128,12 @@ class IA3Linear(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", feedforward: bool = False,
                  init_ia3_weights: bool = True):
         super().__init__()
-        self._kind = _base_kind(base_layer)
+        self._kind = base_kind(base_layer, "IA3Linear")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.is_feedforward = bool(feedforward)
         self.fan_in_fan_out = self._kind == "conv1d"
-        self.out_features, self.in_features = self._shape()
+        self.out_features, self.in_features = base_shape(base_layer)
         self.ia3_l = nn.ParameterDict()
         self.active_adapters: list[str] = []
         self.disabled = False
@@ -157,22 +145,7 @@ class IA3Linear(nn.Module):
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ base access
-    def _shape(self) -> tuple[int, int]:
-        b = self.base_layer
-        if self._kind == "conv1d":
-            k, n = b.weight.shape
-            return n, k
-        return b.out_features, b.in_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (for code that reads ``module.weight``, as with PEFT's layers)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
-
+    # weight, bias, _dense_weight() and _compute_dtype() come from _base.WrapsBase.
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
@@ -181,11 +154,6 @@ class IA3Linear(nn.Module):
     def num_features(self) -> int:
         """Length of each scaling vector: in_features (feed-forward) or out_features."""
         return self.in_features if self.is_feedforward else self.out_features
-
-    def _dense_weight(self) -> torch.Tensor:
-        """The dense base weight as [N, K] (a transposed view for Conv1D: writes go through)."""
-        w = self.base_layer.weight
-        return w.t() if self._kind == "conv1d" else w
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True,
@@ -200,7 +168,7 @@ class IA3Linear(nn.Module):
             raise ValueError(f"adapter name {adapter_name!r} is taken by a ParameterDict attribute; choose another")
         if not isinstance(init_ia3_weights, bool):
             raise ValueError(f"init_ia3_weights must be True or False, got {init_ia3_weights!r}")
-        if dtype not in FLOAT_DTYPES + (torch.float64,):
+        if dtype not in INPUT_DTYPES:
             raise TypeError(f"adapter dtype must be a float dtype, got {dtype}")
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         dev = self.base_layer.weight.device
@@ -251,12 +219,7 @@ class IA3Linear(nn.Module):
         live = self._live()
         if not live:
             return self.base_layer(x)
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"IA3Linear input must be a float32/float16/bfloat16 (or float64) tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x has shape {tuple(x.shape)} but the layer is [{self.out_features}, "
-                             f"{self.in_features}]: the last dimension of x must be {self.in_features}")
+        check_input(x, "IA3Linear", self.out_features, self.in_features)
         ls = [self.ia3_l[a] for a in live]
         if self.is_feedforward:
             return self.base_layer(ia3_scale(x, ls))

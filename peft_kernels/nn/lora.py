@@ -26,10 +26,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES
 from ..ops.lora import (absent, dora_weight_norm_4bit_op, dora_weight_norm_dense_op, lora_linear_4bit,
                         lora_linear_dense)
-from .linear4bit import Linear4bit
+from ._base import INPUT_DTYPES, WrapsBase, base_kind, base_shape, check_input, quant_args, storage_dtype
 
 MERGE_MODES = ("exact", "requantize", "dequantize")
 _PISSA_NITER = re.compile(r"^pissa_niter_(\d+)$")
@@ -44,17 +43,6 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
 
 
-def _base_kind(layer: nn.Module) -> str:
-    if isinstance(layer, Linear4bit):
-        return "4bit"
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return "conv1d"
-    raise TypeError(f"LoraLinear wraps nn.Linear, transformers Conv1D or peft_kernels.nn.Linear4bit, got "
-                    f"{type(layer).__name__} (convert a bitsandbytes layer with Linear4bit.from_bnb first)")
-
-
 class LoraMagnitude(nn.Module):
     """DoRA's trainable magnitude vector m (``.weight`` [out_features]); PEFT names it the same way."""
 
@@ -66,7 +54,7 @@ class LoraMagnitude(nn.Module):
         return f"out_features={self.weight.shape[0]}"
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrapsBase, nn.Module):
     """A frozen linear base plus named LoRA/DoRA adapters (PEFT's ``LoraLayer`` layout).
 
     Args:
@@ -98,10 +86,10 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: Optional[str] = "default", r: int = 8,
                  lora_alpha: float = 8, **adapter_kwargs):
         super().__init__()
-        self._kind = _base_kind(base_layer)
+        self._kind = base_kind(base_layer, "LoraLinear")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.out_features, self.in_features = self._shape()
+        self.out_features, self.in_features = base_shape(base_layer)
         self.fan_in_fan_out = self._kind == "conv1d"
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -121,30 +109,10 @@ class LoraLinear(nn.Module):
             self.set_adapter(adapter_name)
 
     # ------------------------------------------------------------------ base access
-    def _shape(self) -> tuple[int, int]:
-        b = self.base_layer
-        if self._kind == "conv1d":
-            k, n = b.weight.shape
-            return n, k
-        return b.out_features, b.in_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (for code that reads ``module.weight``, as with PEFT's layers)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
-
+    # weight, bias, _dense_weight() and _compute_dtype() come from _base.WrapsBase.
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
-
-    def _dense_weight(self) -> torch.Tensor:
-        """The dense base weight as an [N, K] tensor (a transposed view for Conv1D: writes go through)."""
-        w = self.base_layer.weight
-        return w.t() if self._kind == "conv1d" else w
 
     def _base_weight_f(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W [N, K] in ``dtype`` (dequantized for a 4-bit base)."""
@@ -183,7 +151,7 @@ class LoraLinear(nn.Module):
                 or (isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian")):
             raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>', "
                              f"got {init_lora_weights!r}")
-        if dtype not in FLOAT_DTYPES + (torch.float64,):
+        if dtype not in INPUT_DTYPES:
             raise TypeError(f"adapter dtype must be a float dtype, got {dtype}")
         if self.merged_adapters and pissa:
             raise ValueError("cannot add a PiSSA adapter while adapters are merged (it rewrites the base weight)")
@@ -250,12 +218,8 @@ class LoraLinear(nn.Module):
         b = (self.lora_B[name].weight if b is None else b).detach()
         s = float(self.scaling[name])
         if self._kind == "4bit":
-            base = self.base_layer
-            qs = base.quant_state
-            n = qs.nested
-            return dora_weight_norm_4bit_op(base.weight, qs.absmax, qs.code, None if n is None else n.absmax,
-                                            None if n is None else n.code, 0.0 if n is None else float(n.offset),
-                                            qs.blocksize, self.out_features, self.in_features, a, b, s)
+            return dora_weight_norm_4bit_op(*quant_args(self.base_layer), self.out_features, self.in_features,
+                                            a, b, s)
         return dora_weight_norm_dense_op(self._dense_weight().detach(), a, b, s)
 
     def _check_names(self, names: Iterable[str]) -> list[str]:
@@ -335,14 +299,6 @@ class LoraLinear(nn.Module):
             p.copy_(t)
 
     # ------------------------------------------------------------------ forward
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        if self._kind == "4bit" and self.base_layer.compute_dtype is not None:
-            return self.base_layer.compute_dtype
-        return x.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             if self.merged_adapters:
@@ -351,12 +307,7 @@ class LoraLinear(nn.Module):
         active = [a for a in self.active_adapters if a in self.lora_A and a not in self.merged_adapters]
         if not active:
             return self.base_layer(x)
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"LoraLinear input must be a float32/float16/bfloat16 (or float64) tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x has shape {tuple(x.shape)} but the layer is [{self.out_features}, "
-                             f"{self.in_features}]: the last dimension of x must be {self.in_features}")
+        check_input(x, "LoraLinear", self.out_features, self.in_features)
         if x.numel() == 0:
             return self.base_layer(x)
         in_dtype = x.dtype
@@ -388,12 +339,8 @@ class LoraLinear(nn.Module):
         base = self.base_layer
         bias = base.bias
         if self._kind == "4bit":
-            qs = base.quant_state
-            n = qs.nested
-            y, _ = lora_linear_4bit(xc, base.weight, qs.absmax, qs.code, None if n is None else n.absmax,
-                                    None if n is None else n.code, 0.0 if n is None else float(n.offset),
-                                    qs.blocksize, self.out_features, bias, lora_a, lora_b, lora_bias, scales,
-                                    masks, ps, gs)
+            y, _ = lora_linear_4bit(xc, *quant_args(base), self.out_features, bias, lora_a, lora_b, lora_bias,
+                                    scales, masks, ps, gs)
             return y if y.dtype == in_dtype else y.to(in_dtype)
         y, _ = lora_linear_dense(xc, self._dense_weight(), bias, lora_a, lora_b, lora_bias, scales, masks, ps, gs)
         return y
@@ -447,8 +394,7 @@ class LoraLinear(nn.Module):
         if b is None:
             return
         if base.bias is None:
-            dt = base.weight_dtype if self._kind == "4bit" else base.weight.dtype
-            base.bias = nn.Parameter(b.to(dt), requires_grad=False)
+            base.bias = nn.Parameter(b.to(storage_dtype(base)), requires_grad=False)
         else:
             base.bias.data.copy_(b.to(base.bias.dtype))
 

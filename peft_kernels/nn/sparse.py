@@ -29,8 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._checks import FLOAT_DTYPES
-from .linear4bit import Linear4bit
+from ._base import INPUT_DTYPES, WrapsBase, base_kind, base_shape, check_input, quant_args
 
 BLOCK_SIZES = (0, 16, 32)
 MERGE_MODES = ("exact", "requantize", "dequantize")
@@ -174,24 +173,13 @@ def element_coords(indices: torch.Tensor, block_size: int, n: int, k: int
     return r.reshape(-1)[which], c.reshape(-1)[which], which
 
 
-def _base_kind(layer: nn.Module) -> str:
-    if isinstance(layer, Linear4bit):
-        return "4bit"
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return "conv1d"
-    raise TypeError(f"SparseLinear wraps nn.Linear, transformers Conv1D or peft_kernels.nn.Linear4bit, got "
-                    f"{type(layer).__name__} (convert a bitsandbytes layer with Linear4bit.from_bnb first)")
-
-
 def _ops():
     from ..ops import sparse as sparse_ops  # imported on first use: ops never import nn
     return sparse_ops
 
 
 # ====================================================================== the layer
-class SparseLinear(nn.Module):
+class SparseLinear(WrapsBase, nn.Module):
     """A frozen linear base plus a trainable sparse delta: ``y = x (W + Δ)ᵀ + b``.
 
     Args:
@@ -214,8 +202,8 @@ class SparseLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, indices: torch.Tensor, values: Optional[torch.Tensor] = None,
                  block_size: int = 0, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self._kind = _base_kind(base_layer)
-        if dtype not in FLOAT_DTYPES + (torch.float64,):
+        self._kind = base_kind(base_layer, "SparseLinear")
+        if dtype not in INPUT_DTYPES:
             raise TypeError(f"delta dtype must be a float dtype, got {dtype}")
         self.out_features, self.in_features = self._shape(base_layer)
         self.block_size = check_block_size(block_size)
@@ -240,22 +228,11 @@ class SparseLinear(nn.Module):
         return cls(base_layer, indices_from_mask(mask, n, k, block_size), values, block_size, dtype)
 
     # ------------------------------------------------------------------ base access
+    # weight, bias, _dense_weight() and _compute_dtype() come from _base.WrapsBase.
     @staticmethod
     def _shape(base: nn.Module) -> tuple[int, int]:
-        kind = _base_kind(base)
-        if kind == "conv1d":
-            k, n = base.weight.shape
-            return n, k
-        return base.out_features, base.in_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (for code reading ``module.weight``)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
+        """(N, K) of a base layer this class can wrap (TypeError otherwise)."""
+        return base_shape(base, "SparseLinear")
 
     @property
     def nnz(self) -> int:
@@ -273,11 +250,6 @@ class SparseLinear(nn.Module):
     def density(self) -> float:
         """``num_entries / (N*K)``."""
         return self.num_entries / (self.out_features * self.in_features)
-
-    def _dense_weight(self) -> torch.Tensor:
-        """The dense base weight [N, K] (a transposed view for Conv1D: writes go through)."""
-        w = self.base_layer.weight
-        return w.t() if self._kind == "conv1d" else w
 
     # ------------------------------------------------------------------ delta management
     @torch.no_grad()
@@ -325,23 +297,10 @@ class SparseLinear(nn.Module):
         self.grow_scores = None
 
     # ------------------------------------------------------------------ forward
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        if self._kind == "4bit" and self.base_layer.compute_dtype is not None:
-            return self.base_layer.compute_dtype
-        return x.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES + (torch.float64,):
-            raise TypeError(f"SparseLinear input must be a float32/float16/bfloat16 (or float64) tensor, got "
-                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x has shape {tuple(x.shape)} but the layer is [{self.out_features}, "
-                             f"{self.in_features}]: the last dimension of x must be {self.in_features}")
+        check_input(x, "SparseLinear", self.out_features, self.in_features)
         if x.numel() == 0:
             return self.base_layer(x)
         in_dtype = x.dtype
@@ -356,12 +315,8 @@ class SparseLinear(nn.Module):
             grow = {"grow_indices": self.grow_indices, "grow_scores": self.grow_scores}
         ops = _ops()
         if self._kind == "4bit":
-            qs = base.quant_state
-            n = qs.nested
-            y = ops.sparse_linear_4bit(xc, base.weight, qs.absmax, qs.code, None if n is None else n.absmax,
-                                       None if n is None else n.code, 0.0 if n is None else float(n.offset),
-                                       qs.blocksize, self.out_features, bias, self.delta_values, self.delta_indices,
-                                       self.block_size, **grow)
+            y = ops.sparse_linear_4bit(xc, *quant_args(base), self.out_features, bias, self.delta_values,
+                                       self.delta_indices, self.block_size, **grow)
             return y if y.dtype == in_dtype else y.to(in_dtype)
         # A base weight in another dtype than the compute dtype (autocast over an fp32 base) is cast by the
         # op in row chunks, so no [N, K] copy is made here.
