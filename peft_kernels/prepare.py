@@ -1,0 +1,309 @@
+"""``prepare(model, ...)``: make any transformers model ready to fine-tune in one call.
+
+    model, report = prepare(model, LoraConfig(r=16, target_modules="all-linear"), quantize=True,
+                            gradient_checkpointing=True, seq_len=2048, precision="bf16")
+    print(report)        # trainable parameters, bits per parameter, estimated peak memory
+
+Steps, in this order:
+
+1. 4-bit quantization (``quantize=True`` or a dict of :func:`~peft_kernels.quant.quantize_model` settings)
+   of every linear layer except the output head and what a method must keep dense (the modules a
+   method trains in full: ``modules_to_save``). With a :class:`FreezeConfig` the freeze method
+   quantizes its frozen blocks itself (with these settings) and nothing else is quantized.
+2. The method(s), in the order given (prompt/prefix tuning wrap the model, so they must come last).
+   Each method's ``apply`` freezes what it does not train; composed methods train the union of what
+   each one trains.
+3. Gradient checkpointing (transformers' non-reentrant checkpointing of every decoder layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .methods import registry
+from .methods._common import trainable_parameters
+from .quant.model import tensor_bytes
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
+#: keys a ``quantize`` dict may hold (the keyword arguments of quantize_model)
+QUANTIZE_KEYS = ("quant_type", "blocksize", "double_quant", "compute_dtype", "skip_modules", "target_modules")
+_WRAPPING = ("prompt_tuning", "prefix_tuning")
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare` did. Parameter counts as PEFT's (a 4-bit weight counts its logical weights)."""
+
+    trainable: int
+    total: int
+    bits_per_parameter: float               # storage bits per logical parameter (buffers included)
+    methods: list[str]
+    estimate: Any = None                    # MemoryEstimate, or None when the model is not one it models
+    model_bytes: int = 0                    # parameters + buffers, shared tensors once
+    quantized_layers: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    precision: str = "fp32"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        mib = 2 ** 20
+        lines = [
+            f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+            f"trainable%: {self.trainable_percent:.4f}",
+            f"methods: {', '.join(self.methods) or 'full fine-tuning'}; "
+            f"{len(self.quantized_layers)} linear layers in 4-bit; gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'}; precision {self.precision}",
+            f"model: {self.model_bytes / mib:,.2f} MiB, {self.bits_per_parameter:.2f} bits per parameter",
+        ]
+        if self.estimate is not None:
+            lines.append(str(self.estimate))
+        lines += self.notes
+        return "\n".join(lines)
+
+
+# ================================================================== argument checks
+def _as_configs(method) -> list:
+    """``method`` as a list of config objects (None: []; a name or {"method": name, ...} dict allowed)."""
+    if method is None:
+        return []
+    items = list(method) if isinstance(method, (list, tuple)) else [method]
+    out = []
+    for m in items:
+        if isinstance(m, str):
+            m = registry.config_from_dict(m, {})
+        elif isinstance(m, dict):
+            d = dict(m)
+            name = d.pop("method", None)
+            if name is None:
+                raise ValueError(f"a method given as a dict needs a 'method' key naming it, got keys {sorted(m)}")
+            m = registry.config_from_dict(name, d)
+        registry.method_name(m)  # TypeError for anything else
+        out.append(m)
+    names = [registry.method_name(c) for c in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"method {dup} given more than once; give each method one config")
+    wrapping = [n for n in names if n in _WRAPPING]
+    if len(wrapping) > 1:
+        raise ValueError(f"prompt_tuning and prefix_tuning both wrap the model; use one of them, got {wrapping}")
+    if wrapping and names[-1] not in _WRAPPING:
+        raise ValueError(f"{wrapping[0]} wraps the model and must be the last method, got order {names}")
+    return out
+
+
+def _check_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return v
+
+
+def _quant_settings(quantize, precision: str) -> Optional[dict]:
+    if quantize is False or quantize is None:
+        return None
+    if quantize is True:
+        settings = {}
+    elif isinstance(quantize, dict):
+        unknown = sorted(k for k in quantize if k not in QUANTIZE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown quantize setting(s) {unknown}; valid: {list(QUANTIZE_KEYS)}")
+        settings = dict(quantize)
+    else:
+        raise ValueError(f"quantize must be True, False or a dict of {list(QUANTIZE_KEYS)}, got {quantize!r}")
+    if isinstance(settings.get("compute_dtype"), str):
+        from .quant.state import parse_dtype
+        try:
+            settings["compute_dtype"] = parse_dtype(settings["compute_dtype"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"quantize compute_dtype: {e}") from None
+    # compute_dtype left None: the 4-bit layers compute in the dtype the model was loaded in (under autocast the
+    # LoRA term runs in the autocast dtype anyway), which is what the memory estimate models.
+    return settings
+
+
+def _keep_dense(cfgs: Sequence) -> list[str]:
+    """Module-name patterns a method trains in full, which must stay dense."""
+    out = []
+    for c in cfgs:
+        for n in getattr(c, "modules_to_save", None) or []:
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def _added_linears(model: nn.Module, original: set[str]) -> list[str]:
+    """Linear layers a method added (adapter projections, lora_A/lora_B, a wrapped layer's moved base)."""
+    from .nn.linear4bit import Linear4bit
+
+    def is_linear(m: nn.Module) -> bool:
+        return isinstance(m, (nn.Linear, Linear4bit)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+
+    return sorted(n for n, m in model.named_modules() if n not in original and is_linear(m))
+
+
+def _excluding(cfg, names: list[str]):
+    """``cfg`` with ``names`` added to its ``exclude_modules``, so that a later method's "all-linear" or regex
+    targets do not reach inside an earlier method's layers (sparse deltas on a bottleneck adapter...)."""
+    if not hasattr(cfg, "exclude_modules"):
+        return cfg
+    old = cfg.exclude_modules
+    if old is None:
+        new = list(names)
+    elif isinstance(old, str):  # a regex that must fullmatch a module name: extend the alternation
+        new = "(?:" + old + ")|" + "|".join(re.escape(n) for n in names)
+    else:
+        new = sorted(set(old) | set(names))
+    return dataclasses.replace(cfg, exclude_modules=new)
+
+
+def _weight_dtype(model: nn.Module) -> Optional[str]:
+    """The precision name of the model's dense weights (its input embedding's dtype), if it is one of ours."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    w = getattr(emb, "weight", None)
+    names = {v: k for k, v in PRECISIONS.items()}
+    return names.get(getattr(w, "dtype", None))
+
+
+def _device_type(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return "cuda" if p is not None and p.device.type == "cuda" else "cpu" if p is not None else "cuda"
+
+
+def _check_targets(model: nn.Module, cfgs: Sequence) -> None:
+    """Resolve each method's targets on the still-dense model, so that a config naming modules the model
+    lacks fails before quantization changes anything (the methods check again when applied)."""
+    from .methods import adapter, bitfit, ia3, lora, sparse
+
+    resolvers = {"lora": lora.resolve_targets, "bitfit": bitfit.resolve_targets, "ia3": ia3.resolve_targets,
+                 "sparse": sparse.resolve_targets, "adapter": adapter.resolve_hook_points}
+    for cfg in cfgs:
+        resolve = resolvers.get(registry.method_name(cfg))
+        if resolve is not None:
+            resolve(model, cfg)
+
+
+# ================================================================== prepare
+def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = False, gradient_checkpointing: bool = False,
+            seq_len: int = 512, batch_size: int = 1, precision: str = "fp32", optimizer: str = "adamw"
+            ) -> tuple[nn.Module, PrepareReport]:
+    """Quantize, apply the method(s), enable gradient checkpointing; returns ``(model_to_train, report)``.
+
+    Args:
+        model: a transformers model (or any ``nn.Module``; the memory estimate needs a Llama-like config).
+        method: None (full fine-tuning: every parameter trains), a method config (``LoraConfig``...), a
+            method name (``"lora"``, defaults), a dict ``{"method": "lora", "r": 16, ...}``, or a list of
+            those applied in order.
+        quantize: True (NF4, blocksize 64, double quantization) or a dict of ``quantize_model`` settings.
+        gradient_checkpointing: recompute each decoder layer in backward (non-reentrant).
+        seq_len, batch_size, precision ("fp32" | "bf16" | "fp16": the compute dtype; a 16-bit precision over
+            an fp32 model is autocast mixed precision, as the Trainer runs it), optimizer: for the memory
+            estimate, which also reads the model's weight dtype and device.
+
+    The model changes in place; the returned model is the same object except with prompt/prefix tuning
+    (their wrapper). Bad arguments — and, when quantizing, method targets the model does not have — raise
+    ValueError/TypeError before the model changes.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    _check_int("seq_len", seq_len)
+    _check_int("batch_size", batch_size)
+    if not isinstance(gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    cfgs = _as_configs(method)
+    names = [registry.method_name(c) for c in cfgs]
+    qset = _quant_settings(quantize, precision)
+    if qset is not None and not cfgs:
+        raise ValueError("quantize=True needs a method: 4-bit weights are frozen, so full fine-tuning of a "
+                         "quantized model would train almost nothing (pass method=LoraConfig(...))")
+    if gradient_checkpointing and "prefix_tuning" in names:
+        raise ValueError("prefix tuning does not work with gradient checkpointing (the prefix lives in a KV cache "
+                         "that a recomputed layer would extend twice); set gradient_checkpointing=False")
+    if gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support transformers' gradient checkpointing "
+                         f"(supports_gradient_checkpointing is not set)")
+    notes: list[str] = []
+    if qset is not None:
+        _check_targets(model, cfgs)
+
+    # 1. quantization
+    quantized: list[str] = []
+    if qset is not None:
+        if "freeze" in names:
+            i = names.index("freeze")
+            fsettings = {k: v for k, v in qset.items() if k in ("quant_type", "blocksize", "double_quant",
+                                                                    "compute_dtype")}
+            cfgs[i] = dataclasses.replace(cfgs[i], quantize_frozen=True, **fsettings)
+            notes.append("quantization: the freeze method quantizes its frozen blocks (trained blocks stay dense)")
+        else:
+            from .quant.model import DEFAULT_SKIP, quantize_model
+            qargs = dict(qset)
+            skip = list(qargs.pop("skip_modules", None) or DEFAULT_SKIP) + _keep_dense(cfgs)
+            qreport = quantize_model(model, skip_modules=skip, **qargs)
+            quantized = list(qreport.replaced)
+
+    # 2. methods; the trainable set is the union of what each method trains
+    trainable_ids: set[int] = set()
+    original = {n for n, _ in registry.inner_model(model).named_modules()}
+    added: list[str] = []
+    for cfg in cfgs:
+        if added:
+            cfg = _excluding(cfg, added)
+        model = registry.apply_method(model, cfg)
+        added = _added_linears(registry.inner_model(model), original)
+        if registry.method_name(cfg) == "freeze":
+            report = getattr(registry.inner_model(model), "peft_kernels_freeze_report", None)
+            if report is not None:
+                quantized += list(report.quantized)
+        trainable_ids |= {id(p) for p in model.parameters() if p.requires_grad}
+    if cfgs:
+        for p in model.parameters():
+            if id(p) in trainable_ids and p.is_floating_point():
+                p.requires_grad_(True)
+        registry.inner_model(model).peft_kernels_methods = names
+    else:
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)
+
+    # 3. gradient checkpointing
+    base = registry.inner_model(model)
+    if gradient_checkpointing:
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(base, "config", None) is not None and hasattr(base.config, "use_cache"):
+            base.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+
+    trainable, total = trainable_parameters(model)
+    nbytes = tensor_bytes(model)
+    estimate = None
+    cfg = getattr(base, "config", None)
+    if cfg is not None:
+        from .train.estimate import estimate_memory
+        try:
+            estimate = estimate_memory(cfg, method=cfgs or "full", seq_len=seq_len, batch_size=batch_size,
+                                       quantize=qset is not None or bool(quantized), precision=precision,
+                                       weight_dtype=_weight_dtype(base), gradient_checkpointing=gradient_checkpointing,
+                                       optimizer=optimizer, device=_device_type(base))
+        except (ValueError, NotImplementedError) as e:
+            notes.append(f"no memory estimate: {e}")
+    return model, PrepareReport(trainable=trainable, total=total, bits_per_parameter=8 * nbytes / max(total, 1),
+                                methods=names, estimate=estimate, model_bytes=nbytes, quantized_layers=quantized,
+                                gradient_checkpointing=gradient_checkpointing, precision=precision, notes=notes)
+
+
+__all__ = ["prepare", "PrepareReport", "PRECISIONS", "OPTIMIZERS", "QUANTIZE_KEYS"]
