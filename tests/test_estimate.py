@@ -18,13 +18,7 @@ from _tiny_models import build
 warnings.filterwarnings("ignore", category=UserWarning)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread (OpenMP threads spinning on 2 shared cores made a step 50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ====================================================================== measure_peak_bytes

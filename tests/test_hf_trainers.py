@@ -16,13 +16,7 @@ PAIRS = [("what is two plus two", "four"), ("what color is the sky", "the sky is
          ("what is the answer", "four is the answer"), ("what color is the mat", "the mat is red")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy shared machine OpenMP spinning costs seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def qlora_model():

@@ -25,13 +25,7 @@ LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16  # the tiny llama: 4 query heads, 2 key/va
 TOKEN_DIM = KV_HEADS * HEAD_DIM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls gain nothing from intra-op threads, and on a shared 2-core machine they lose 10-50x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

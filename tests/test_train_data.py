@@ -12,14 +12,7 @@ from peft_kernels.train.data import (IGNORE_INDEX, DataError, count_label_tokens
                                      make_batches, pack_examples, tokenize_record, tokenize_records)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy 2-core machine OpenMP's spinning
-    threads made one tiny forward/backward take seconds instead of milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = ("the cat sat on a mat dog ran in park what is two plus four answer red blue green sky grass "
          "color of hello world user assistant system say").split()

@@ -26,14 +26,7 @@ from _tolerance import REL_TOL, rel_error
 from test_train_data import tiny_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy 2-core machine OpenMP's spinning
-    threads made one tiny forward/backward take seconds instead of milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECORDS = [
     {"messages": [{"role": "user", "content": "what is two plus two"}, {"role": "assistant", "content": "four"}]},
