@@ -18,15 +18,14 @@ parameters excluded) and the backend.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from peft_kernels.nn.adapter import Adapter
 from peft_kernels.ops import backend
+from _saved import load_tolerance, saved_bytes
 from peft_kernels.ops import reference_adapter as R
 
 pytestmark = pytest.mark.benchmark(min_rounds=5, max_time=0.5, warmup=True, warmup_iterations=2)
@@ -37,16 +36,7 @@ RANKS = (16, 64)
 ACT, SCALE = "gelu", 0.5
 
 
-def _load_tolerance():
-    """tests/_tolerance.py, loaded by path (tests/ is not a package): the one policy, not a copy."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "_tolerance.py"
-    spec = importlib.util.spec_from_file_location("_pk_tolerance", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tol = _load_tolerance()
+_tol = load_tolerance()
 
 
 @pytest.fixture(scope="module", params=RANKS, ids=[f"r{r}" for r in RANKS])
@@ -60,17 +50,7 @@ def adapter(request):
 
 
 def _saved_bytes(fn, params) -> int:
-    own = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    return saved_bytes(fn, {p.untyped_storage().data_ptr() for p in params})["bytes"]
 
 
 @pytest.mark.parametrize("m", MS)

@@ -20,8 +20,6 @@ ours is 0 — BitFit keeps nothing of x.
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +27,8 @@ from torch import nn
 
 from peft_kernels.nn.bitfit import BitFitLinear
 from peft_kernels.ops import backend
+from _saved import load_tolerance, owned_storages
+from _saved import saved_bytes as _saved_bytes
 from _frozen_bases import frozen_bases
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -40,47 +40,12 @@ MS = (1, 16, 256)
 IMPLS = ("ours", "bnb", "dense")
 
 
-def _load_tolerance():
-    """tests/_tolerance.py, loaded by path (tests/ is not a package): the one policy, not a copy."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "_tolerance.py"
-    spec = importlib.util.spec_from_file_location("_pk_tolerance", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tol = _load_tolerance()
-
-
-def _owned(module: nn.Module) -> set[int]:
-    """Storages the layer already holds: parameters and buffers (our Linear4bit's 4-bit statistics are
-    buffers) and bitsandbytes' QuantState, which it keeps on the weight (nested statistics in state2)."""
-    ts = list(module.parameters()) + list(module.buffers())
-    qs = getattr(module.weight, "quant_state", None)
-    while qs is not None:
-        ts += [v for v in vars(qs).values() if isinstance(v, torch.Tensor)]
-        qs = getattr(qs, "state2", None)
-    return {t.untyped_storage().data_ptr() for t in ts}
+_tol = load_tolerance()
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> dict:
-    """Bytes the forward saves for backward in storages the layer does not already hold (x counts).
-
-    bitsandbytes' MatMul4Bit also keeps tensors as ctx attributes, which these hooks cannot see.
-    """
-    owned, seen, n = _owned(module), {}, 0
-
-    def pack(t):
-        nonlocal n
-        n += 1
-        s = t.untyped_storage()
-        if s.data_ptr() not in owned:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return {"bytes": sum(seen.values()), "tensors": n}
+    """Bytes the forward saves for backward in storages the layer does not already hold (x counts)."""
+    return _saved_bytes(lambda: module(x), owned_storages(module))
 
 
 @pytest.fixture(scope="module")

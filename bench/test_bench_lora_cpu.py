@@ -21,17 +21,16 @@ parameters and quantized weight excluded), with PEFT's and ours side by side.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from peft_kernels.nn import Linear4bit
 from peft_kernels.ops import backend
+from _saved import load_tolerance, owned_storages
+from _saved import saved_bytes as _saved_bytes
 from _frozen_bases import frozen_bases
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -46,16 +45,7 @@ RANKS = (8, 16, 64)
 IMPLS = ("ours", "peft", "dense")
 
 
-def _load_tolerance():
-    """tests/_tolerance.py, loaded by path (tests/ is not a package): the one policy, not a copy."""
-    path = Path(__file__).resolve().parent.parent / "tests" / "_tolerance.py"
-    spec = importlib.util.spec_from_file_location("_pk_tolerance", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_tol = _load_tolerance()
+_tol = load_tolerance()
 
 
 def _lora_linear():
@@ -78,49 +68,9 @@ class _Holder(nn.Module):
         return self.proj(x)
 
 
-def _owned_storages(module: nn.Module) -> set[int]:
-    """Storage addresses of the module's parameters, buffers and 4-bit quant-state tensors."""
-    ptrs = set()
-
-    def add_state(qs, depth=0):
-        if qs is None or depth > 2:
-            return
-        for v in vars(qs).values():
-            if isinstance(v, torch.Tensor):
-                ptrs.add(v.untyped_storage().data_ptr())
-            elif hasattr(v, "__dict__") and not isinstance(v, (type, nn.Module)):
-                add_state(v, depth + 1)  # nested (double-quant) statistics
-
-    for t in list(module.parameters()) + list(module.buffers()):
-        ptrs.add(t.untyped_storage().data_ptr())
-        add_state(getattr(t, "quant_state", None))  # bitsandbytes keeps its QuantState on the weight
-    for m in module.modules():
-        if isinstance(m, Linear4bit):
-            add_state(m.quant_state)
-    return ptrs
-
-
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> dict:
-    """Bytes the forward saves for backward: unique storages that the layer does not already own.
-
-    The input x counts (saving it keeps it alive). bitsandbytes' MatMul4Bit keeps its inputs as ctx
-    attributes, which these hooks cannot see; they are x and the packed weight, counted / owned anyway.
-    """
-    owned = _owned_storages(module)
-    seen: dict[int, int] = {}
-    n_tensors = 0
-
-    def pack(t):
-        nonlocal n_tensors
-        n_tensors += 1
-        s = t.untyped_storage()
-        if s.data_ptr() not in owned:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return {"bytes": sum(seen.values()), "tensors": n_tensors}
+    """Bytes the forward saves for backward in storages the layer does not already own (x counts)."""
+    return _saved_bytes(lambda: module(x), owned_storages(module))
 
 
 # ------------------------------------------------------------------ layers
