@@ -29,6 +29,7 @@ from peft_kernels.ops import bitfit as O
 from peft_kernels.ops import reference as R
 from peft_kernels.quant import quantize_4bit
 from peft_kernels.quant.model import quantize_model
+from _weights import weight64
 
 HAS_TRITON = torch.cuda.is_available() or is_interpreted(K._bitfit_nn_kernel)
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton needs a GPU or TRITON_INTERPRET=1")
@@ -49,16 +50,6 @@ def make_base(kind: str, k: int, n: int, dtype=torch.float32, *, blocksize=64, b
             base.bias = None
         return base.to(dtype)
     return Linear4bit.from_linear(nn.Linear(k, n, bias=bias), blocksize=blocksize)
-
-
-def weight64(base: nn.Module) -> torch.Tensor:
-    """The base's exact weight [N, K] in float64 (the 4-bit one dequantized from its bytes)."""
-    if isinstance(base, Linear4bit):
-        qs = base.quant_state
-        return R.dequantize_4bit(base.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                 torch.float64).view(base.out_features, base.in_features)
-    w = base.weight.detach().double()
-    return w.t().contiguous() if isinstance(base, Conv1D) else w
 
 
 def reference_model(layer: BitFitLinear) -> nn.Linear:

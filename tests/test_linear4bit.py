@@ -5,16 +5,10 @@ from torch import nn
 
 from _tolerance import assert_close_to_reference
 from peft_kernels.nn import Linear4bit
-from peft_kernels.ops import reference
 from peft_kernels.ops.linear4bit import dequantize_4bit_op, linear4bit_grad_input_op, linear4bit_op
+from _weights import weight64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _dense64(layer: Linear4bit) -> torch.Tensor:
-    qs = layer.quant_state
-    return reference.dequantize_4bit(layer.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                     torch.float64).view(qs.shape)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -28,7 +22,7 @@ def test_forward_backward_match_float64_reference(dtype, bias, shape):
     x = torch.randn(x_shape, dtype=dtype, requires_grad=True)
     y = layer(x)
     assert y.dtype == dtype and y.shape == (*x_shape[:-1], n_out)
-    w64 = _dense64(layer)
+    w64 = weight64(layer)
     x64 = x.detach().double().requires_grad_()
     b64 = layer.bias.detach().double().requires_grad_() if bias else None
     y64 = nn.functional.linear(x64, w64, b64)
@@ -168,8 +162,8 @@ def test_triton_backend_through_the_module_matches_reference(monkeypatch, dtype)
     dy = torch.randn_like(y)
     y.backward(dy)
     x64 = x.detach().double().requires_grad_()
-    y64 = nn.functional.linear(x64, _dense64(layer), layer.bias.detach().double())
+    y64 = nn.functional.linear(x64, weight64(layer), layer.bias.detach().double())
     y64.backward(dy.double())
     assert_close_to_reference(y, y64, dtype, "triton y")
     assert_close_to_reference(x.grad, x64.grad, dtype, "triton dx")
-    assert_close_to_reference(layer.dequantize(torch.float32), _dense64(layer), torch.float32, "triton dequant")
+    assert_close_to_reference(layer.dequantize(torch.float32), weight64(layer), torch.float32, "triton dequant")

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from _tolerance import assert_close_to_reference
+from _weights import weight64
 import peft_kernels.nn.lora as lora_mod
 from peft_kernels.nn import Linear4bit, LoraLinear
-from peft_kernels.ops import reference
 from peft_kernels.ops.lora import (absent, dora_weight_norm_4bit_op, dora_weight_norm_dense_op,
                                    lora_linear_4bit_backward_op, lora_linear_4bit_op, lora_linear_dense_backward_op,
                                    lora_linear_dense_op)
@@ -40,13 +40,7 @@ def make_base(kind, k, n, bias=True, dtype=torch.float32, blocksize=64):
 
 def dense64(layer: LoraLinear) -> torch.Tensor:
     """The base W [N, K] in float64 as the layer computes with it (dequantized for 4-bit)."""
-    b = layer.base_layer
-    if isinstance(b, Linear4bit):
-        qs = b.quant_state
-        return reference.dequantize_4bit(b.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                         torch.float64).view(qs.shape)
-    w = b.weight.detach().double()
-    return w.t() if type(b).__name__ == "Conv1D" else w
+    return weight64(layer.base_layer)
 
 
 class Ref:

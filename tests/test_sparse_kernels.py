@@ -19,9 +19,9 @@ from torch import nn
 from peft_kernels.kernels import sparse as K
 from peft_kernels.kernels._launch import is_interpreted
 from peft_kernels.nn import Linear4bit
-from peft_kernels.ops import reference
 from peft_kernels.ops import reference_sparse as R
 from peft_kernels.ops import sparse as S
+from _weights import weight64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS_RUN = DEVICE == "cuda" or is_interpreted(K._nt_block_kernel)
@@ -209,12 +209,6 @@ def _q4_args(layer):
             nest.offset if nest else 0.0, qs.blocksize, qs.shape[0])
 
 
-def _dense64(layer):
-    qs = layer.quant_state
-    return reference.dequantize_4bit(layer.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                     torch.float64).view(qs.shape)
-
-
 def _run_layer(base, x, bias, vals, idx, b, grow=None):
     if isinstance(base, Linear4bit):
         return S.sparse_linear_4bit(x, *_q4_args(base), bias, vals, idx, b, *(grow or (None, None)))
@@ -226,7 +220,7 @@ def _check_layer(base_kind, b, dtype, x_shape=(2, 3, 45), n=37, with_bias=True):
     torch.manual_seed(0)
     if base_kind == "4bit":
         base = Linear4bit.from_linear(nn.Linear(k, n, bias=False), blocksize=32)
-        w64 = _dense64(base)
+        w64 = weight64(base)
     else:
         base = _randn(n, k, dtype=dtype, seed=11, device="cpu")
         w64 = base.double()

@@ -11,8 +11,8 @@ from torch import nn
 from _tolerance import assert_close_to_reference
 from peft_kernels.nn.linear4bit import Linear4bit
 from peft_kernels.nn.sparse import SparseLinear, element_coords
-from peft_kernels.ops import reference
 from peft_kernels.quant.quantize import quantize_4bit
+from _weights import weight64
 
 HAS_TRITON_SPARSE = importlib.util.find_spec("peft_kernels.kernels.sparse") is not None
 N, K = 37, 45          # ragged: not a multiple of 16 or 32, N*K not a multiple of the 4-bit blocksize
@@ -50,13 +50,7 @@ def make_layer(kind, block_size, dtype=torch.float32, bias=True, seed=0):
 
 def base_w64(layer: SparseLinear) -> torch.Tensor:
     """The base W [N, K] in float64 as the layer computes with it (dequantized for 4-bit)."""
-    b = layer.base_layer
-    if isinstance(b, Linear4bit):
-        qs = b.quant_state
-        return reference.dequantize_4bit(b.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
-                                         torch.float64).view(qs.shape)
-    w = b.weight.detach().double()
-    return w.t() if type(b).__name__ == "Conv1D" else w
+    return weight64(layer.base_layer)
 
 
 def dense_delta64(indices, values64, block_size, n, k):
