@@ -41,7 +41,7 @@ from torch import nn
 from ..io import method_files as mf
 from ..nn.adapter import INITS, Adapter, AdapterSlot
 from ..ops import reference_adapter as ref
-from ._common import disabled, find_layer_stack, freeze, print_trainable_parameters, trainable_parameters  # noqa: F401
+from ._common import disabled, find_layer_stack, print_trainable_parameters, trainable_parameters  # noqa: F401
 
 PEFT_TYPE = "BOTTLENECK"
 FORMAT_VERSION = 1

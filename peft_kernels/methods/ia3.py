@@ -37,7 +37,7 @@ from ..nn.ia3 import IA3Linear
 from ..nn.lora import LoraLinear, ModulesToSaveWrapper
 from ._adapter_layers import LayerMethod, check_adapter_name
 from ._adapter_layers import wrappers as _wrappers
-from ._common import get_parent, print_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
+from ._common import print_trainable_parameters, trainable_parameters  # noqa: F401 (re-exported)
 from .targets import ALL_LINEAR, SEQ_CLS_HEAD_NAMES  # noqa: F401 (re-exported)
 from .targets import find_linear_targets, linear_names, resolve_modules_to_save, with_seq_cls_heads
 
