@@ -127,4 +127,5 @@ def dora_weight_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torc
 # Each method's references live in their own file (one owner each); they are part of this module.
 from .reference_adapter import *  # noqa: E402,F401,F403
 from .reference_bitfit import *  # noqa: E402,F401,F403
+from .reference_ce import *  # noqa: E402,F401,F403
 from .reference_sparse import *  # noqa: E402,F401,F403
