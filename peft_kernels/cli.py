@@ -290,7 +290,7 @@ def _train_from_args(args) -> int:
               "grad_accum": args.grad_accum, "lr": args.lr, "seq_len": args.seq_len, "precision": args.precision,
               "optimizer": args.optimizer, "scheduler": args.scheduler, "warmup_steps": args.warmup_steps,
               "save_every": args.save_every, "eval_every": args.eval_every, "packing": args.packing,
-              "seed": args.seed}
+              "seed": args.seed, "fused_cross_entropy": args.fused_cross_entropy}
     if args.no_progress:
         tflags["progress"] = False
     for k, v in flags.items():
@@ -641,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int)
     t.add_argument("--eval-every", type=int)
     t.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--fused-cross-entropy", action=argparse.BooleanOptionalAction, default=None,
+                   help="loss from the hidden states and the head in chunks, no [B, T, V] logits (default on)")
     t.add_argument("--seed", type=int)
     t.add_argument("--resume", help="checkpoint directory or 'latest'")
     t.add_argument("--device")

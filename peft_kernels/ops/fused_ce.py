@@ -220,6 +220,15 @@ def _size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _check_weight(w: Tensor) -> Tensor:
+    if w.dtype not in _FLOATS:
+        raise TypeError(f"the head weight must be a float tensor (float32/float16/bfloat16/float64), got "
+                        f"{_name(w.dtype)} (a bitsandbytes 4-bit layer: convert it with Linear4bit.from_bnb)")
+    if w.dim() != 2 or 0 in w.shape:
+        raise ValueError(f"the head weight must be a non-empty 2-D [V, H] tensor, got shape {tuple(w.shape)}")
+    return w
+
+
 def resolve_head(head, bias: Optional[Tensor] = None) -> LinearHead:
     """A :class:`LinearHead` from an ``nn.Linear``, a ``Linear4bit`` or a weight tensor [V, H] (+ ``bias``).
 
@@ -237,19 +246,12 @@ def resolve_head(head, bias: Optional[Tensor] = None) -> LinearHead:
     elif isinstance(head, nn.Linear):
         if bias is not None:
             raise ValueError("bias= is for a weight tensor; an nn.Linear head brings its own bias")
-        out = LinearHead(head.weight, head.bias)
+        out = LinearHead(_check_weight(head.weight), head.bias)
     elif isinstance(head, torch.Tensor):
-        out = LinearHead(head, bias)
+        out = LinearHead(_check_weight(head), bias)
     else:
         raise TypeError(f"head must be an nn.Linear, a peft_kernels.nn.Linear4bit or a weight tensor [V, H], got "
                         f"{type(head).__name__}")
-    w = out.weight
-    if w is not None:
-        if w.dtype not in _FLOATS:
-            raise TypeError(f"the head weight must be a float tensor (float32/float16/bfloat16/float64), got "
-                            f"{_name(w.dtype)} (a bitsandbytes 4-bit layer: convert it with Linear4bit.from_bnb)")
-        if w.dim() != 2 or 0 in w.shape:
-            raise ValueError(f"the head weight must be a non-empty 2-D [V, H] tensor, got shape {tuple(w.shape)}")
     b = out.bias
     if b is not None:
         if not isinstance(b, torch.Tensor) or b.dtype not in _FLOATS:

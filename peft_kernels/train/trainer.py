@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .data import IGNORE_INDEX, count_label_tokens, data_hash, epoch_batches
+from .data import count_label_tokens, data_hash, epoch_batches
+from .loss import FusedCausalLMLoss, causal_lm_loss_sum
 from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,6 +53,10 @@ class TrainConfig:
 
     keep_last: how many checkpoints to keep (None: all). eval_batch_size: None uses batch_size.
     distributed: "ddp" | "fsdp2" | None (None means "ddp" when torch.distributed runs with > 1 process).
+    fused_cross_entropy: compute the loss from the last hidden states and the output head in chunks
+    (:mod:`peft_kernels.train.loss`), never building the [B, T, V] logits; the same loss and gradients
+    as the logits path to floating-point tolerance. Models it cannot serve (a head that is not a plain
+    linear layer, unknown logit post-processing) fall back to the logits with a warning.
     """
 
     output_dir: str
@@ -76,6 +80,7 @@ class TrainConfig:
     keep_last: Optional[int] = 3
     eval_batch_size: Optional[int] = None
     distributed: Optional[str] = None
+    fused_cross_entropy: bool = True
 
     def __post_init__(self):
         errors = []
@@ -114,7 +119,7 @@ class TrainConfig:
                               ("distributed", DISTRIBUTED)):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("packing", "progress"):
+        for name in ("packing", "progress", "fused_cross_entropy"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if errors:
@@ -160,18 +165,6 @@ class TrainResult:
 
 
 # ============================================================================ helpers
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (float32) of next-token cross-entropies over the label tokens.
-
-    logits [B, T', V] (T' >= T: prompt tuning prepends virtual tokens, whose logits are dropped),
-    labels long [B, T] aligned with the inputs (-100: no loss)."""
-    t = labels.shape[1]
-    if logits.shape[1] != t:
-        logits = logits[:, -t:]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def _forward_accepts(model: nn.Module, name: str) -> bool:
     import inspect
 
@@ -297,6 +290,7 @@ class Trainer:
         self._batches: tuple[int, list[dict]] | None = None
         self._fingerprint: dict | None = None
         self._pass_positions = _forward_accepts(model, "position_ids")
+        self._fused_ce = FusedCausalLMLoss(model) if cfg.fused_cross_entropy else None
         # (data position, RNG state, owner buffers) at the start of the running step: what an interrupt
         # inside the step rewinds to (None between steps)
         self._step_start: tuple[dict, tuple, dict] | None = None
@@ -386,13 +380,26 @@ class Trainer:
         inputs["use_cache"] = False
         return inputs
 
+    @property
+    def fused_cross_entropy_active(self) -> bool:
+        """True while the loss is computed by the fused path (``TrainConfig.fused_cross_entropy`` on and the
+        model supported; it turns False for good if the first step's check against the logits fails)."""
+        return self._fused_ce is not None and self._fused_ce.active
+
     def loss_sum(self, batch: dict, model: Optional[nn.Module] = None) -> torch.Tensor:
         """Summed token loss (float32 scalar) of one batch through ``model`` (default: the training model)."""
         model = model or self.train_model
+        labels = batch["labels"].to(self.device)
+        if self.fused_cross_entropy_active:
+            # the model's own forward (through DDP/FSDP and prompt wrappers); its head sees one position only
+            with self._autocast():
+                loss = self._fused_ce.loss_sum(lambda: model(**self._inputs(batch)), labels)
+            if loss is not None:
+                return loss
         with self._autocast():
             out = model(**self._inputs(batch))
         logits = out.logits if hasattr(out, "logits") else out[0]
-        return causal_lm_loss_sum(logits, batch["labels"].to(self.device))
+        return causal_lm_loss_sum(logits, labels)
 
     def accumulate_gradients(self, micro_batches: Sequence[dict], n_tokens: Optional[int] = None) -> tuple[float, int]:
         """Backward every micro-batch with its loss sum divided by ``n_tokens`` (default: the label tokens of
