@@ -65,24 +65,32 @@ def _llama(h=128, inter=352, layers=2, vocab=1024, heads=4, kv=2, attn="sdpa"):
                           attn_implementation=attn)
 
 
-def _measure_step(cfg, method, *, quantize, gc, batch, seq, precision="fp32", weight_dtype=None):
+def _measure_step(cfg, method, *, quantize, gc, batch, seq, precision="fp32", weight_dtype=None, ce_chunk=None,
+                  **prepare_kw):
     """Peak bytes of the second of two training steps (forward, backward, AdamW step): steady state.
 
     The model is loaded in ``weight_dtype`` (default: ``precision``); fp32 weights with a 16-bit precision
-    run the forward under torch.autocast and the loss the way the Trainer computes it."""
+    run the forward under torch.autocast and the loss the way the Trainer computes it. ``ce_chunk``: the loss
+    is the Trainer's fused linear cross-entropy with that chunk budget (``train/loss.py``)."""
     import transformers as tf
+
+    from peft_kernels.train.loss import causal_lm_loss
 
     torch.manual_seed(0)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtypes[weight_dtype or precision])
-    model, _ = prepare(model, method, quantize=quantize, gradient_checkpointing=gc, precision=precision)
+    model, _ = prepare(model, method, quantize=quantize, gradient_checkpointing=gc, precision=precision,
+                       **prepare_kw)
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     autocast = weight_dtype == "fp32" and precision != "fp32"
 
     def step():
-        if autocast:
+        if ce_chunk is not None:
+            with torch.autocast("cpu", dtype=dtypes[precision], enabled=autocast):
+                loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, fused=True, chunk_bytes=ce_chunk)
+        elif autocast:
             with torch.autocast("cpu", dtype=dtypes[precision]):
                 logits = model(input_ids=ids).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, cfg.vocab_size),
@@ -135,6 +143,46 @@ def test_estimate_within_10_percent_of_measured_cpu_step(name):
     if phase is not None:  # the cases exercise different terms of the model
         assert est.peak_phase.startswith(phase), est.phases
     assert sum(est.breakdown.values()) == est.total_bytes
+
+
+# The memory switches of issue #7, each measured: (config kwargs, method, quantize, checkpointing, batch, seq,
+# precision, fused-loss chunk bytes or None, estimate_memory switches).
+SWITCH_CASES = {
+    # 16 rows per 64 KiB logits chunk: the fused loss runs in 8 chunks, its peak is the chunk, not [T, V]
+    "qlora_fused_ce": ({}, LORA, True, False, 2, 64, "fp32", 64 << 10, {}),
+    "qlora_fused_ce_ckpt": ({"inter": 704, "vocab": 4096}, LORA, True, True, 2, 128, "fp32", 256 << 10, {}),
+    "qlora_fused_ce_autocast_bf16": ({"vocab": 2048}, LORA, True, False, 2, 64, "fp32>bf16", 64 << 10, {}),
+    "qlora_fused_ce_bf16_whole_chunk": ({}, LORA, True, False, 2, 64, "bf16", None, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(SWITCH_CASES))
+def test_estimate_with_memory_switches_within_10_percent_of_measured(name):
+    kw, method, quantize, gc, batch, seq, precision, chunk, switches = SWITCH_CASES[name]
+    weight_dtype, _, precision = precision.rpartition(">")
+    cfg = _llama(**kw)
+    chunk = chunk if chunk is not None else 32 << 20
+    measured = _measure_step(cfg, method, quantize=quantize, gc=gc, batch=batch, seq=seq, precision=precision,
+                             weight_dtype=weight_dtype or None, ce_chunk=chunk, **switches)
+    est = estimate_memory(cfg, method=method, seq_len=seq, batch_size=batch, quantize=quantize, precision=precision,
+                          weight_dtype=weight_dtype or None, gradient_checkpointing=gc, device="cpu",
+                          fused_cross_entropy=True, ce_chunk_bytes=chunk, **switches)
+    err = est.total_bytes / measured - 1
+    assert abs(err) <= 0.10, f"{name}: estimate {est.total_bytes:,} vs measured {measured:,} ({100 * err:+.1f}%)\n{est}"
+    assert sum(est.breakdown.values()) == est.total_bytes
+
+
+def test_fused_cross_entropy_replaces_the_logits_terms():
+    kw = dict(method="qlora", seq_len=2048, batch_size=1, quantize=True, precision="bf16", gradient_checkpointing=True)
+    full = estimate_memory(llama_config("llama-3-8b"), **kw)
+    fused = estimate_memory(llama_config("llama-3-8b"), fused_cross_entropy=True, **kw)
+    n, h, v, chunk = 2047, 4096, 128256, 128 << 20
+    rows = chunk // (v * 2)
+    # selected hidden rows (bf16), dH fp32, indices + loss/lse rows, one bf16 logits chunk; CUDA: no row temporaries
+    assert fused.phases["forward"] - full.phases["forward"] == (
+        n * h * 2 + n * h * 4 + n * 16 + rows * v * 2) - (2048 * v * 2 + 2 * 2048 * v * 4)
+    assert fused.total_bytes < full.total_bytes - 2 * 2 ** 30
+    assert fused.settings["fused_cross_entropy"] is True
 
 
 # ====================================================================== persistent terms vs real models
@@ -194,6 +242,9 @@ def test_bad_model_config_is_named(config, needle):
     ({"method": {"method": "lora", "rank": 8}}, "rank"), ({"method": {"method": "lora", "r": 0}}, "r must be"),
     ({"method": "full", "quantize": True}, "full fine-tuning"),
     ({"method": {"method": "prefix_tuning", "num_virtual_tokens": 4}, "gradient_checkpointing": True}, "prefix"),
+    ({"fused_cross_entropy": 1}, "fused_cross_entropy=1"), ({"ce_chunk_bytes": 0}, "ce_chunk_bytes=0"),
+    ({"offload_activations": True}, "needs gradient_checkpointing"),
+    ({"quantize_head": "yes"}, "quantize_head='yes'"),
 ])
 def test_bad_estimate_arguments_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -148,10 +148,24 @@ def test_logit_post_processing_read_from_the_config(make):
     batch = _batch()
     want, want_g = _loss_and_grads(model, batch, fused=False)
     got, got_g = _loss_and_grads(model, batch, fused=True)
-    assert L._FUSED[model].active and L._FUSED[model].verified
+    assert L.fused_loss_of(model).active and L.fused_loss_of(model).verified
     assert_close_to_reference(got, want, torch.float32, "loss")
     for g, w in zip(got_g, want_g):  # full fine-tuning: every weight, the tied head/embedding included
         assert_close_to_reference(g, w, torch.float32, "grad")
+
+
+def test_causal_lm_loss_does_not_keep_the_model_alive():
+    """The per-model fused-loss state lives on the model: a dropped model is freed (no global table holding it)."""
+    import gc
+    import weakref
+
+    model = _granite()
+    L.causal_lm_loss(model, _batch(), fused=True)
+    assert L.fused_loss_of(model) is not None and "_peft_kernels_fused_loss" not in model.state_dict()
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_first_call_check_refuses_unknown_logit_processing(monkeypatch):
@@ -163,7 +177,7 @@ def test_first_call_check_refuses_unknown_logit_processing(monkeypatch):
     want = L.causal_lm_loss(model, batch, fused=False)
     with pytest.warns(UserWarning, match="fused cross-entropy is off for Gemma2ForCausalLM: its own logits differ"):
         got = L.causal_lm_loss(model, batch, fused=True)
-    assert not L._FUSED[model].active
+    assert not L.fused_loss_of(model).active
     assert_close_to_reference(got, want.detach(), torch.float32, "loss after fallback")
 
 

@@ -35,6 +35,18 @@ Loss (transformers' ``ForCausalLMLoss`` and the Trainer's ``causal_lm_loss_sum``
   forward: logits (T·V·A), their fp32 copy, the log-softmax (T·V·4); backward: the saved log-softmax,
   the NLL gradient and the logits gradient, all fp32 (3·T·V·4). The caller is assumed to drop the
   model output before backward (``loss = model(**batch).loss``, as transformers' Trainer does).
+Fused linear cross-entropy (``fused_cross_entropy=True``, the Trainer's default; ``ops/fused_ce.py``)
+  replaces the loss terms: the n = B·(s-1) rows with a label are copied out of the final hidden states
+  (n·h·a), dH float32 [n, h] is filled chunk by chunk and saved, one logits chunk [T_c, V] (T_c = chunk //
+  (V·A)) is reused, plus on CPU the plain-torch row work's two float32 chunk-sized temporaries, and for a
+  4-bit head (or a dense head in another dtype than the compute) one vocabulary slice of W of <= chunk
+  bytes and that slice's logits. Loss backward: dH scaled (n·h·4) and the hidden-state gradient (T·h·a).
+4-bit embeddings / head (``quantize_embeddings`` / ``quantize_head``; one shared table when tied): each table
+  is stored like a ``Linear4bit`` weight. A 4-bit head without the fused loss is dequantized whole for the
+  logits (CUDA: into the cached workspace, which then has the head's size; CPU: a transient copy in the
+  forward and again in its backward), and its logits are in its input's dtype.
+Activation offload (``offload_activations=True`` with checkpointing, CUDA): the checkpoints live in pinned
+  host memory; the device keeps at most 3 (the last layer's, the one in use, one prefetched).
 Backward of a block (peak at the SwiGLU product's backward): its saved tensors minus the down_proj
   input (freed once down_proj's backward ran), plus d(product), d(SiLU out), d(up out) (3·T·I) and the
   block's output gradient (T·h·a); gradients accumulate for the blocks above it.
@@ -460,7 +472,10 @@ def _quant_weight_bytes(numel: int, blocksize: int, double_quant: bool) -> int:
 def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_size: int = 1, quantize: bool = False,
                     precision: str = "fp32", gradient_checkpointing: bool = False, optimizer: str = "adamw",
                     lora_r: int = 16, device: str = "cuda", blocksize: int = 64, double_quant: bool = True,
-                    attn_implementation: Optional[str] = None, weight_dtype: Optional[str] = None) -> MemoryEstimate:
+                    attn_implementation: Optional[str] = None, weight_dtype: Optional[str] = None,
+                    fused_cross_entropy: bool = False, ce_chunk_bytes: Optional[int] = None,
+                    quantize_embeddings: bool = False, quantize_head: bool = False,
+                    offload_activations: bool = False) -> MemoryEstimate:
     """Estimated peak bytes of one training step (forward, backward, optimizer step) for a model config.
 
     Args:
@@ -478,6 +493,13 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
         optimizer: "adamw" | "adamw8bit" | "paged_adamw8bit" | "sgd".
         device: "cuda" (multi-tensor AdamW, the cached dequantization workspace) or "cpu".
         attn_implementation: overrides the config's ("sdpa" | "eager" | "flash_attention_2").
+        fused_cross_entropy: the loss is the fused linear cross-entropy (the Trainer's default), with
+            ``ce_chunk_bytes`` per logits chunk (default ``ops.fused_ce.DEFAULT_CHUNK_BYTES`` of ``device``);
+            False: transformers' loss over the full logits.
+        quantize_embeddings, quantize_head: the input table / output head are 4-bit
+            (``quantize_model(quantize_embeddings=, quantize_head=)``; both or neither when tied).
+        offload_activations: checkpoints offloaded to pinned host memory (needs gradient_checkpointing;
+            changes nothing on ``device="cpu"``, where they already live in host memory).
 
     Raises ValueError naming every bad argument.
     """
@@ -494,16 +516,26 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
     if device not in DEVICES:
         problems.append(f"device={device!r} (one of {list(DEVICES)})")
     for key, v in (("quantize", quantize), ("gradient_checkpointing", gradient_checkpointing),
-                   ("double_quant", double_quant)):
+                   ("double_quant", double_quant), ("fused_cross_entropy", fused_cross_entropy),
+                   ("quantize_embeddings", quantize_embeddings), ("quantize_head", quantize_head),
+                   ("offload_activations", offload_activations)):
         if not isinstance(v, bool):
             problems.append(f"{key}={v!r} (must be True or False)")
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         problems.append(f"blocksize={blocksize!r} (a power of two from 32 to 4096)")
     if attn_implementation is not None and attn_implementation not in ATTENTION:
         problems.append(f"attn_implementation={attn_implementation!r} (one of {list(ATTENTION)})")
+    if ce_chunk_bytes is not None and (isinstance(ce_chunk_bytes, bool) or not isinstance(ce_chunk_bytes, int)
+                                       or ce_chunk_bytes < 1):
+        problems.append(f"ce_chunk_bytes={ce_chunk_bytes!r} (must be a positive integer or None)")
+    if offload_activations is True and gradient_checkpointing is False:
+        problems.append("offload_activations=True needs gradient_checkpointing=True (it offloads the checkpoints)")
     if problems:
         raise ValueError("invalid estimate_memory argument(s): " + "; ".join(problems))
     shape = model_shape(model_config)
+    if shape.tie_embeddings and quantize_embeddings != quantize_head:
+        raise ValueError("invalid estimate_memory argument(s): the config ties the head to the input embeddings, "
+                         "so quantize_embeddings and quantize_head must both be True or both False")
     if attn_implementation is not None:
         shape = dataclasses.replace(shape, attn_implementation=attn_implementation)
     methods = _as_methods(method, lora_r)
@@ -513,16 +545,54 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
     plan = build_plan(shape, methods, quantize=quantize, act_bytes=A)
     if plan.prefix_tokens and gradient_checkpointing:
         raise ValueError("prefix tuning does not work with gradient checkpointing")
+    if (quantize_embeddings and plan.embed_trains) or (quantize_head and plan.head_trains):
+        raise ValueError("invalid estimate_memory argument(s): a 4-bit table does not train; the method trains "
+                         "the embeddings or the head")
+    if fused_cross_entropy and ce_chunk_bytes is None:
+        from ..ops.fused_ce import DEFAULT_CHUNK_BYTES
+        ce_chunk_bytes = DEFAULT_CHUNK_BYTES[device]
+    switches = Switches(fused_ce=fused_cross_entropy, ce_chunk=ce_chunk_bytes or 0, q_embed=quantize_embeddings,
+                        q_head=quantize_head or (shape.tie_embeddings and quantize_embeddings),
+                        offload=offload_activations and device == "cuda")
     return _estimate(shape, plan, seq_len=seq_len, batch=batch_size, a=a, A=A, gc=gradient_checkpointing,
-                     optimizer=optimizer, device=device, blocksize=blocksize, double_quant=double_quant,
-                     settings={"method": "+".join(plan.names), "seq_len": seq_len, "batch_size": batch_size,
+                     optimizer=optimizer, device=device, blocksize=blocksize, double_quant=double_quant, sw=switches,
+                     settings={"fused_cross_entropy": fused_cross_entropy, "quantize_embeddings": quantize_embeddings,
+                               "quantize_head": quantize_head, "offload_activations": offload_activations,
+                               "method": "+".join(plan.names), "seq_len": seq_len, "batch_size": batch_size,
                                "precision": precision, "weight_dtype": weight_dtype or precision, "quantize": quantize,
                                "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
                                "device": device, "attn_implementation": shape.attn_implementation})
 
 
+@dataclass(frozen=True)
+class Switches:
+    """The memory switches of issue #7 that change the estimate (see the module docstring)."""
+
+    fused_ce: bool = False     # fused linear cross-entropy instead of the full-logits loss
+    ce_chunk: int = 0          # its chunk byte budget
+    q_embed: bool = False      # 4-bit input embeddings
+    q_head: bool = False       # 4-bit output head
+    offload: bool = False      # checkpoints in pinned host memory (CUDA)
+
+
+def _fused_ce_terms(*, n: int, T: int, h: int, V: int, a: int, A: int, chunk: int, device: str,
+                    head_sliced: bool) -> tuple[int, int]:
+    """(forward, backward) bytes of the fused linear cross-entropy at its peaks (``ops/fused_ce.py``)."""
+    rows = max(1, min(n, chunk // (V * A)))
+    fwd = n * h * a + n * h * 4 + n * 16          # the selected hidden rows, dH, row indices + loss/lse rows
+    fwd += rows * V * A                           # the logits chunk, reused
+    if device == "cpu":
+        fwd += 2 * rows * V * 4                   # the plain-torch row work's float32 temporaries
+    if head_sliced:                               # one vocabulary slice of W in the compute dtype + its logits
+        v_s = min(V, max(1, chunk // (h * A)))
+        fwd += v_s * h * A + (rows * v_s * A if v_s < V else 0)
+    bwd = 2 * n * h * 4 + T * h * a               # dH and its scaled copy, the hidden-state gradient
+    return fwd, bwd
+
+
 def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int, A: int, gc: bool, optimizer: str,
-              device: str, blocksize: int, double_quant: bool, settings: dict) -> MemoryEstimate:
+              device: str, blocksize: int, double_quant: bool, settings: dict,
+              sw: Switches = Switches()) -> MemoryEstimate:
     """``a``: bytes per element of the dense weights and the residual stream; ``A``: of the compute
     (linear outputs, attention); they differ under autocast (fp32 weights, 16-bit compute)."""
     ac = A != a
@@ -563,11 +633,16 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
     outer = [V * h, h] + ([] if shape.tie_embeddings else [V * h])   # embedding, final norm, head
     outer_train = [plan.embed_trains, plan.norms_train,
                    plan.head_trains or (shape.tie_embeddings and plan.embed_trains)]
-    for numel, trains in zip(outer, outer_train):
+    outer_4bit = [sw.q_embed, False, sw.q_head]
+    for numel, trains, four_bit in zip(outer, outer_train, outer_4bit):
         if trains:
             trained_dense_sizes.append(numel)
+        elif four_bit:
+            quant += _quant_weight_bytes(numel, blocksize, double_quant)
         else:
             dense += numel * a
+    if shape.tie_embeddings and sw.q_head and not sw.q_embed:
+        quant += _quant_weight_bytes(V * h, blocksize, double_quant)  # the tied table is the head's
     dense += 2 * (d // 2) * 4   # rotary inv_freq and original_inv_freq buffers (fp32)
     dense += plan.extra_persistent
     trainable_sizes += plan.extra_trainable
@@ -584,6 +659,10 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
     else:
         opt_state = 0
     grads = trainable_bytes  # one gradient per trainable parameter, in its dtype
+    if sw.q_head and not sw.fused_ce:
+        largest_quant = max(largest_quant, V * h)          # the whole head is dequantized for the logits
+    elif sw.q_head:
+        largest_quant = max(largest_quant, min(V, max(1, sw.ce_chunk // (h * A))) * h)   # one vocabulary slice
     workspace = largest_quant * A if device == "cuda" else 0
     persistent = {"weights": dense + quant, "trainable": trainable_bytes, "optimizer_state": opt_state,
                   "dequant_workspace": workspace}
@@ -693,7 +772,7 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         final += T * h * a
     if plan.head_trains:
         final += T * h * A                                                # lm_head input (its cast under autocast)
-    if ac and n_grad:
+    if ac and n_grad and not sw.q_head:
         final += V * h * A                                                # lm_head's weight cast to 16 bits
     rope = 2 * s * d * a                                                  # cos, sin
     inputs = 3 * batch * seq_len * 8                                      # ids, labels, shifted labels
@@ -702,14 +781,22 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
     fixed = final + rope + inputs
     if gc:
         # only each grad layer's input (the checkpoint) is kept; one layer is recomputed in its backward
-        checkpoints = n_grad * T * h * a
+        checkpoints = (min(n_grad, 3) if sw.offload else n_grad) * T * h * a
         saved_all = checkpoints + fixed
     else:
         saved_all = sum(per_layer) + fixed
 
     # ---------------------------------------------------------------- phases
-    logits_fwd = T * V * A + (T * V * 4 if A != 4 else 0) + T * V * 4   # logits, fp32 copy, log-softmax
-    loss_bwd = 3 * T * V * 4                                              # log-softmax out, dNLL, dlogits
+    if sw.fused_ce:
+        head_sliced = sw.q_head or (a != A and not plan.head_trains)
+        logits_fwd, loss_bwd = _fused_ce_terms(n=batch * (seq_len - 1), T=T, h=h, V=V, a=a, A=A, chunk=sw.ce_chunk,
+                                               device=device, head_sliced=head_sliced)
+    else:
+        lb = a if (sw.q_head and ac) else A   # a 4-bit head's logits are in its input's dtype under autocast
+        logits_fwd = T * V * lb + (T * V * 4 if lb != 4 else 0) + T * V * 4   # logits, fp32 copy, log-softmax
+        loss_bwd = 3 * T * V * 4                                              # log-softmax out, dNLL, dlogits
+        if sw.q_head and device == "cpu":
+            logits_fwd += V * h * lb                                          # the head dequantized (transient)
 
     def layer_backward(i: int) -> int:
         """Block i's own bytes at its backward peak, the SwiGLU product's backward: its saved tensors
@@ -728,6 +815,8 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
     if n_grad:
         last, acts_below_last = L - 1, (n_grad - 1) * T * h * a if gc else sum(per_layer[:L - 1])
         first_ckpt = T * h * a if gc else 0
+        if gc and sw.offload:
+            acts_below_last = min(n_grad - 1, 2) * T * h * a
         bwd_last = {"activations": acts_below_last + (T * h * a if gc else 0) + kept,
                     "layer_backward": layer_backward(last), "gradients": head_grads}
         bwd_first = {"activations": first_ckpt + kept, "layer_backward": layer_backward(first),

@@ -27,7 +27,6 @@ t + 1; prompt tuning's p virtual positions in front are dropped (the last T posi
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -267,7 +266,15 @@ class FusedCausalLMLoss:
 
 
 # ====================================================================== a helper for your own loop
-_FUSED: "weakref.WeakKeyDictionary[nn.Module, FusedCausalLMLoss]" = weakref.WeakKeyDictionary()
+#: Attribute of a model holding its :class:`FusedCausalLMLoss` for :func:`causal_lm_loss`. Kept ON the model,
+#: not in a weak-keyed table: the loss object references the model, which would keep a table's key alive
+#: (a leak of every model ever passed); as an attribute the two die together.
+_FUSED_ATTR = "_peft_kernels_fused_loss"
+
+
+def fused_loss_of(model: nn.Module) -> Optional[FusedCausalLMLoss]:
+    """The :class:`FusedCausalLMLoss` :func:`causal_lm_loss` keeps for ``model`` (None before its first call)."""
+    return model.__dict__.get(_FUSED_ATTR)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -293,9 +300,10 @@ def causal_lm_loss(model: nn.Module, batch: dict, *, fused: bool = True, reducti
     inputs = model_inputs(batch)
     total = None
     if fused:
-        loss_fn = _FUSED.get(model)
+        loss_fn = fused_loss_of(model)
         if loss_fn is None or loss_fn.chunk_bytes != chunk_bytes:
-            loss_fn = _FUSED[model] = FusedCausalLMLoss(model, chunk_bytes=chunk_bytes)
+            loss_fn = FusedCausalLMLoss(model, chunk_bytes=chunk_bytes)
+            model.__dict__[_FUSED_ATTR] = loss_fn  # plain attribute: not a submodule, not in the state dict
         total = loss_fn.loss_sum(lambda: model(**inputs), labels)
     if total is None:
         out = model(**inputs)
@@ -310,4 +318,4 @@ def causal_lm_loss(model: nn.Module, batch: dict, *, fused: bool = True, reducti
 
 
 __all__ = ["causal_lm_loss", "causal_lm_loss_sum", "fused_causal_lm_loss_sum", "FusedCausalLMLoss",
-           "output_head", "logit_transform", "unsupported_reason", "shifted_labels", "model_inputs", "CHECK_TOL"]
+           "output_head", "fused_loss_of", "logit_transform", "unsupported_reason", "shifted_labels", "model_inputs", "CHECK_TOL"]
