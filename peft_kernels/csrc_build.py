@@ -126,7 +126,7 @@ def build_emulator(out_dir: str | os.PathLike, verbose: bool = False) -> Path:
 
 # ----------------------------------------------------------------- CPU library
 CPU_LIB_NAME = "libpeft_kernels_cpu.so"
-CPU_SOURCES = ("dequant_4bit_cpu.c",)
+CPU_SOURCES = ("dequant_4bit_cpu.c", "gemv_4bit_cpu.c")
 CPU_CSRC_DIR = CSRC_DIR / "cpu"
 CPU_PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "_cpu"
 

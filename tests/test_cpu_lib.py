@@ -8,8 +8,13 @@
   cases (ties, subnormals, overflow), chunks over several threads;
 * argument validation in C (return codes, messages) and in the wrapper;
 * the loader when the library is missing, broken or of another ABI version;
+* the fused GEMVs (``pk_cpu_gemv_4bit_nt`` / ``_nn``) on every tier against a
+  float64 product of the dequantized weight (tolerance policy), their decoded
+  weights bit for bit (x = identity rows), thread-count independence, every
+  output written, argument errors;
 * ``backend.select`` and ``Linear4bit`` under ``cpu`` vs ``reference``:
-  identical outputs and gradients.
+  identical outputs and gradients above ``CPU_GEMV_MAX_M`` rows, the GEMV path
+  to tolerance below.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import pytest
 import torch
 
 from _dequant_checks import assert_bit_exact, random_weight
+from _tolerance import assert_close_to_reference
 from peft_kernels import csrc_build
 from peft_kernels.nn import Linear4bit
 from peft_kernels.ops import backend, cpu_lib, reference
@@ -33,7 +39,8 @@ from peft_kernels.quant import VALID_BLOCKSIZES, code4, dynamic_map, quantize_4b
 CC = csrc_build.c_compiler()
 NO_CC = "no C compiler: the CPU C library cannot be built on this machine"
 ABI_SYMBOLS = {"pk_cpu_dequantize_4bit", "pk_cpu_dequantize_4bit_nested", "pk_cpu_last_error", "pk_cpu_version",
-               "pk_cpu_isa", "pk_cpu_set_max_isa", "pk_cpu_max_threads"}
+               "pk_cpu_isa", "pk_cpu_set_max_isa", "pk_cpu_max_threads", "pk_cpu_gemv_4bit_nt",
+               "pk_cpu_gemv_4bit_nn"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_ELEMS_PER_THREAD = 1 << 17  # PK_MIN_ELEMS_PER_THREAD in the C source
 
@@ -408,6 +415,8 @@ int pk_cpu_set_max_isa(int m) { return 0; }
 int pk_cpu_max_threads(void) { return 1; }
 int pk_cpu_dequantize_4bit(void) { return 0; }
 int pk_cpu_dequantize_4bit_nested(void) { return 0; }
+int pk_cpu_gemv_4bit_nt(void) { return 0; }
+int pk_cpu_gemv_4bit_nn(void) { return 0; }
 """
 
 
@@ -463,12 +472,15 @@ def test_backend_selection(lib, monkeypatch):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_dt_id)
 @pytest.mark.parametrize("double_quant", (False, True), ids=("plain", "dq"))
 def test_linear4bit_cpu_equals_reference(lib, monkeypatch, dtype, double_quant):
-    """Same dequantized bits, same torch matmul: identical outputs and gradients."""
+    """Same dequantized bits, same torch matmul: identical outputs and gradients (more rows than the GEMV
+    path takes: 15 > CPU_GEMV_MAX_M)."""
+    from peft_kernels.ops.linear4bit import CPU_GEMV_MAX_M
+    assert 3 * 5 > max(CPU_GEMV_MAX_M.values())
     torch.manual_seed(0)
     layer = Linear4bit(129, 67, bias=True, blocksize=64, double_quant=double_quant, dtype=dtype)
     layer.bias.requires_grad_(True)
-    x = torch.randn(2, 3, 129, dtype=dtype)
-    dy = torch.randn(2, 3, 67, dtype=dtype)
+    x = torch.randn(3, 5, 129, dtype=dtype)
+    dy = torch.randn(3, 5, 67, dtype=dtype)
     results = {}
     for name in ("reference", "cpu"):
         monkeypatch.setenv(backend.ENV_VAR, name)
@@ -478,3 +490,132 @@ def test_linear4bit_cpu_equals_reference(lib, monkeypatch, dtype, double_quant):
         results[name] = (y, dx, db)
     for got, want in zip(results["cpu"], results["reference"]):
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------ fused GEMV
+# (m, n, k): one element; odd k (rows start mid-byte, blocks span rows); k not a multiple of the 512-element
+# span and larger than it; m at the path's limits.
+GEMV_SHAPES = ((1, 1, 1), (1, 67, 129), (3, 33, 64), (8, 200, 1000), (2, 130, 2049), (16, 64, 1536))
+
+
+def _gemv_weight(n, k, blocksize, nested, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    packed, st = quantize_4bit(w, blocksize, "nf4", nested)
+    kw = dict(nested_absmax=st.nested.absmax, nested_code=st.nested.code, nested_offset=st.nested.offset) \
+        if nested else {}
+    scales = reference.decode_absmax(st.absmax, st.nested.absmax if nested else None,
+                                     st.nested.code if nested else None, st.nested.offset if nested else 0.0)
+    w_q = reference.dequantize_4bit(packed, scales, st.code, blocksize, n * k, torch.float32).view(n, k)
+    return packed, st.absmax, st.code, kw, w_q
+
+
+def _raw_gemv(lib, kind, a, packed, absmax, code, blocksize, n, k, kw, bias=None, threads=1, guard=3):
+    """The C function with an explicit thread count, into a NaN-poisoned buffer with a guard after it."""
+    m = a.shape[0]
+    rows = n if kind == "nt" else k
+    buf = torch.full((m * rows + guard,), float("nan"))
+    args = cpu_lib._quant_args(packed, absmax, code, blocksize, n, k, kw.get("nested_absmax"),
+                               kw.get("nested_code"), kw.get("nested_offset", 0.0), 256)
+    if kind == "nt":
+        rc = lib.pk_cpu_gemv_4bit_nt(*args, a.data_ptr(), m, n, k, None if bias is None else bias.data_ptr(),
+                                     buf.data_ptr(), threads)
+    else:
+        rc = lib.pk_cpu_gemv_4bit_nn(*args, a.data_ptr(), m, n, k, buf.data_ptr(), threads)
+    assert rc == 0, lib.pk_cpu_last_error()
+    assert torch.isnan(buf[m * rows:]).all(), "wrote past the output"
+    return buf[:m * rows].view(m, rows)
+
+
+@pytest.mark.parametrize("nested", (False, True), ids=("plain", "dq"))
+@pytest.mark.parametrize("blocksize", (64, 256))
+def test_gemv_matches_float64_product_every_tier(lib, blocksize, nested):
+    for i, (m, n, k) in enumerate(GEMV_SHAPES):
+        packed, absmax, code, kw, w_q = _gemv_weight(n, k, blocksize, nested, seed=i)
+        g = torch.Generator().manual_seed(100 + i)
+        x, dy, bias = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g), torch.randn(n, generator=g)
+        w64 = w_q.double()
+        want_y, want_dx = x.double() @ w64.t() + bias.double(), dy.double() @ w64
+        for tier in _tiers(lib):
+            with _isa(lib, tier):
+                y = _raw_gemv(lib, "nt", x, packed, absmax, code, blocksize, n, k, kw, bias)
+                dx = _raw_gemv(lib, "nn", dy, packed, absmax, code, blocksize, n, k, kw)
+                assert_close_to_reference(y, want_y, torch.float32, f"nt tier {tier} {m}x{n}x{k}")
+                assert_close_to_reference(dx, want_dx, torch.float32, f"nn tier {tier} {m}x{n}x{k}")
+                got = cpu_lib.gemv_4bit_nt_cpu(x, packed, absmax, code, blocksize, n, bias, **kw)
+                assert torch.equal(got, y)  # the wrapper is the same call
+
+
+def test_gemv_decodes_the_dequantized_bits(lib):
+    """x = identity rows: y = x·Wᵀ is Wᵀ exactly, and dY = identity rows gives W: the GEMV decodes the same
+    float32 values as the dequantization, on every tier (odd k: row starts on the low nibble)."""
+    for n, k, nested in ((67, 129, True), (40, 96, False)):
+        packed, absmax, code, kw, w_q = _gemv_weight(n, k, 64, nested, seed=7)
+        for tier in _tiers(lib):
+            with _isa(lib, tier):
+                assert_bit_exact(cpu_lib.gemv_4bit_nt_cpu(torch.eye(k), packed, absmax, code, 64, n, **kw),
+                                 w_q.t().contiguous())
+                assert_bit_exact(cpu_lib.gemv_4bit_nn_cpu(torch.eye(n), packed, absmax, code, 64, k, **kw), w_q)
+
+
+def test_gemv_does_not_depend_on_the_thread_count(lib):
+    m, n, k = 2, 300, 1000  # over the per-thread minimum when forced: 2+ threads split rows / column strips
+    packed, absmax, code, kw, _ = _gemv_weight(n, k, 64, True, seed=3)
+    x, dy = torch.randn(m, k), torch.randn(m, n)
+    outs = {t: (_raw_gemv(lib, "nt", x, packed, absmax, code, 64, n, k, kw, threads=t),
+                _raw_gemv(lib, "nn", dy, packed, absmax, code, 64, n, k, kw, threads=t)) for t in (1, 2, 3, 7)}
+    for t in (2, 3, 7):
+        assert torch.equal(outs[t][0], outs[1][0]) and torch.equal(outs[t][1], outs[1][1]), t
+
+
+def test_gemv_c_and_wrapper_validate_arguments(lib):
+    fake = 0x1000  # never dereferenced: each call below fails validation first
+    q = [fake, fake, None, None, None, 0.0, 0, fake, 64]
+    assert lib.pk_cpu_gemv_4bit_nt(*q, None, 1, 4, 64, None, fake, 1) == 1
+    assert "null pointer" in lib.pk_cpu_last_error().decode()
+    assert lib.pk_cpu_gemv_4bit_nn(fake, None, None, None, None, 0.0, 0, fake, 64, fake, 1, 4, 64, fake, 1) == 1
+    assert "double quantization" in lib.pk_cpu_last_error().decode()
+    assert lib.pk_cpu_gemv_4bit_nt(*q[:-1], 48, fake, 1, 4, 64, None, fake, 1) == 2
+    assert "blocksize 48" in lib.pk_cpu_last_error().decode()
+    assert lib.pk_cpu_gemv_4bit_nn(*q, fake, 0, 4, 64, fake, 1) == 3
+    assert "m, n, k must be > 0" in lib.pk_cpu_last_error().decode()
+    assert lib.pk_cpu_gemv_4bit_nn(fake, None, fake, fake, fake, 0.0, 3, fake, 64, fake, 1, 4, 64, fake, 1) == 2
+    assert "nested_blocksize 3" in lib.pk_cpu_last_error().decode()
+    packed, absmax, code, _, _ = _gemv_weight(8, 64, 64, False, seed=0)
+    with pytest.raises(ValueError, match=r"x must be float32 \[rows >= 1, 64\]"):
+        cpu_lib.gemv_4bit_nt_cpu(torch.randn(0, 64), packed, absmax, code, 64, 8)
+    with pytest.raises(TypeError, match="float32"):
+        cpu_lib.gemv_4bit_nt_cpu(torch.randn(1, 64, dtype=torch.float16), packed, absmax, code, 64, 8)
+    with pytest.raises(ValueError, match="packed has 256 bytes but a \\[16, 64\\] weight needs 512"):
+        cpu_lib.gemv_4bit_nt_cpu(torch.randn(1, 64), packed, absmax, code, 64, 16)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[8\]"):
+        cpu_lib.gemv_4bit_nt_cpu(torch.randn(1, 64), packed, absmax, code, 64, 8, torch.randn(9))
+    with pytest.raises(ValueError, match="dy must be float32"):
+        cpu_lib.gemv_4bit_nn_cpu(torch.randn(64), packed, absmax, code, 64, 64)
+    with pytest.raises(ValueError, match="a \\[9, 64\\] weight needs 288"):  # dy's N larger than W's
+        cpu_lib.gemv_4bit_nn_cpu(torch.randn(2, 9), packed, absmax, code, 64, 64)
+
+
+@pytest.mark.parametrize("double_quant", (False, True), ids=("plain", "dq"))
+def test_linear4bit_few_rows_take_the_gemv(lib, monkeypatch, double_quant):
+    """At M <= CPU_GEMV_MAX_M the cpu backend runs the fused GEMV (counted), to tolerance of the float64
+    product; gradients too."""
+    from peft_kernels.ops import linear4bit as l4
+    torch.manual_seed(0)
+    layer = Linear4bit(129, 67, bias=True, blocksize=64, double_quant=double_quant, dtype=torch.float32)
+    layer.bias.requires_grad_(True)
+    qs = layer.quant_state
+    w64 = reference.dequantize_4bit(layer.weight, qs.absmax_float(), qs.code, 64, qs.numel, torch.float64).view(67, 129)
+    calls = []
+    real = l4.cpu_gemv
+    monkeypatch.setattr(l4, "cpu_gemv", lambda kind, *a, **k: calls.append(kind) or real(kind, *a, **k))
+    monkeypatch.setenv(backend.ENV_VAR, "cpu")
+    x = torch.randn(1, 2, 129, requires_grad=True)
+    dy = torch.randn(1, 2, 67)
+    y = layer(x)
+    dx, db = torch.autograd.grad(y, (x, layer.bias), dy)
+    assert calls == ["nt", "nn"]
+    x64, dy64 = x.detach().double(), dy.double()
+    assert_close_to_reference(y, x64 @ w64.t() + layer.bias.detach().double(), torch.float32, "y")
+    assert_close_to_reference(dx, dy64 @ w64, torch.float32, "dx")
+    assert_close_to_reference(db, dy64.sum((0, 1)), torch.float32, "db")
+

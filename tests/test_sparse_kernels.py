@@ -417,13 +417,19 @@ def test_cpu_path_allocates_no_nk_tensor(base_kind, b, backend_name, monkeypatch
 
 
 def test_alloc_tracker_sees_inside_custom_ops():
-    """Negative control: the existing linear4bit op dequantizes all of W on CPU; the tracker must see it."""
-    from peft_kernels.ops.linear4bit import linear4bit_op
+    """Negative control: above CPU_GEMV_MAX_M rows the linear4bit op dequantizes all of W on CPU; the tracker
+    must see it (and, at few rows, must see that the fused CPU GEMV does not)."""
+    from peft_kernels.ops.linear4bit import CPU_GEMV_MAX_M, linear4bit_op
     n, k = 48, 64
     layer = Linear4bit.from_linear(nn.Linear(k, n))
     with AllocTracker() as tr:
-        linear4bit_op(torch.randn(2, k), *_q4_args(layer), layer.bias)
+        linear4bit_op(torch.randn(CPU_GEMV_MAX_M["nt"] + 1, k), *_q4_args(layer), layer.bias)
     assert tr.at_least(n * k), "the tracker missed the full dequantization inside a custom op"
+    from peft_kernels.ops import backend, cpu_lib
+    if backend.select(torch.device("cpu"), has_cpu_impl=True) == "cpu" and cpu_lib.load() is not None:
+        with AllocTracker() as tr:
+            linear4bit_op(torch.randn(2, k), *_q4_args(layer), layer.bias)
+        assert not tr.at_least(n * k), "the CPU GEMV path materialised W"
     with AllocTracker() as tr:  # and it catches a dense reference in plain torch
         R.masked_delta_dense_reference(*_delta(n, k, 0, 0.1, device="cpu"), 0, n, k)
     assert tr.at_least(n * k)

@@ -22,6 +22,7 @@
  * loaded (same soname), so our threads are torch's pool, not a second one.
  */
 #include "peft_kernels_cpu.h"
+#include "pk_cpu_internal.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -31,15 +32,6 @@
 #include <omp.h>
 #endif
 
-/* -DPK_CPU_PORTABLE_ONLY builds only the portable tier: how a non-x86 build is checked on x86. */
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(PK_CPU_PORTABLE_ONLY)
-#define PK_X86 1
-#include <immintrin.h>
-#else
-#define PK_X86 0
-#endif
-
-#define PK_INLINE static inline __attribute__((always_inline))
 
 /* Fewer elements than this per thread and the fork/join costs more than it saves
  * (~64 KiB of packed input, 256 KiB of f32 output per thread). */
@@ -48,23 +40,6 @@
  * (a byte holds two elements); 64 also keeps whole 32-element groups in one
  * thread and cache lines apart between threads. */
 #define PK_CHUNK_ALIGN 64
-
-typedef struct {
-  const uint8_t* packed;
-  const float* absmax; /* float scales, or NULL with double quantization: */
-  const uint8_t* absmax_q;
-  const float* nested_absmax;
-  const float* nested_code;
-  float nested_offset;
-  int nested_shift; /* log2(nested_blocksize) */
-  const float* code;
-  void* out;
-  int shift; /* log2(blocksize) */
-} Job;
-
-/* Dequantize elements [begin, end): begin is a multiple of PK_CHUNK_ALIGN, end is
- * one too or numel. */
-typedef void (*RangeFn)(const Job*, int64_t begin, int64_t end);
 
 /* ------------------------------------------------------------ scalar code */
 /* float -> IEEE half, round to nearest even, subnormals and overflow exact. */
@@ -105,14 +80,6 @@ PK_INLINE uint16_t f32_to_bf16(float f) {
  * element is one table lookup. The table holds exactly the values the
  * element-wise formula gives, so this is bit-identical to it, and it rounds 16
  * values per block instead of one per element. */
-PK_INLINE float block_scale(const Job* j, int64_t blk) {
-  if (j->absmax) return j->absmax[blk];
-  /* Double quantization, decoded as reference.decode_absmax does: two float32
-   * roundings, product then sum (the build passes -ffp-contract=off so that the
-   * compiler does not fuse them into one FMA rounding). */
-  const float t = j->nested_code[j->absmax_q[blk]] * j->nested_absmax[blk >> j->nested_shift];
-  return t + j->nested_offset;
-}
 
 PK_INLINE int64_t block_end(const Job* j, int64_t i, int64_t end) {
   const int64_t e = ((i >> j->shift) + 1) << j->shift;
@@ -124,16 +91,16 @@ PK_INLINE int64_t block_end(const Job* j, int64_t i, int64_t end) {
 PK_INLINE void tail_f32(const Job* j, int64_t i, int64_t seg_end, const float* lut) {
   for (; i < seg_end; i += 2) { /* i is even: i and i + 1 share a byte */
     const unsigned b = j->packed[i >> 1];
-    ((float*)j->out)[i] = lut[b >> 4];
-    if (i + 1 < seg_end) ((float*)j->out)[i + 1] = lut[b & 15u];
+    ((float*)j->out)[i - j->base] = lut[b >> 4];
+    if (i + 1 < seg_end) ((float*)j->out)[i + 1 - j->base] = lut[b & 15u];
   }
 }
 
 PK_INLINE void tail_u16(const Job* j, int64_t i, int64_t seg_end, const uint16_t* lut) {
   for (; i < seg_end; i += 2) {
     const unsigned b = j->packed[i >> 1];
-    ((uint16_t*)j->out)[i] = lut[b >> 4];
-    if (i + 1 < seg_end) ((uint16_t*)j->out)[i + 1] = lut[b & 15u];
+    ((uint16_t*)j->out)[i - j->base] = lut[b >> 4];
+    if (i + 1 < seg_end) ((uint16_t*)j->out)[i + 1 - j->base] = lut[b & 15u];
   }
 }
 
@@ -201,8 +168,8 @@ static PK_AVX512 void avx512_f32(const Job* j, int64_t i, int64_t end) {
     for (; i + 32 <= seg_end; i += 32) {
       /* vpermps reads only the low 4 bits of each index: no masking needed. */
       PK_NIBBLES(j, i, q0, q1, 0)
-      _mm512_storeu_ps((float*)j->out + i, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q0), lut));
-      _mm512_storeu_ps((float*)j->out + i + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q1), lut));
+      _mm512_storeu_ps((float*)j->out + (i - j->base), _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q0), lut));
+      _mm512_storeu_ps((float*)j->out + (i - j->base) + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(q1), lut));
     }
     float tail[16];
     _mm512_storeu_ps(tail, lut);
@@ -225,7 +192,7 @@ PK_INLINE PK_AVX512 void avx512_half(const Job* j, int64_t i, int64_t end, const
     for (; i + 32 <= seg_end; i += 32) {
       PK_NIBBLES(j, i, q0, q1, 0)
       const __m512i idx = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1));
-      _mm512_storeu_si512((uint16_t*)j->out + i, _mm512_permutexvar_epi16(idx, lut));
+      _mm512_storeu_si512((uint16_t*)j->out + (i - j->base), _mm512_permutexvar_epi16(idx, lut));
     }
     uint16_t tail[16];
     _mm256_storeu_si256((__m256i*)tail, h);
@@ -256,7 +223,7 @@ static PK_AVX2 void avx2_f32(const Job* j, int64_t i, int64_t end) {
     const __m256 lo = _mm256_mul_ps(code_lo, sv), hi = _mm256_mul_ps(code_hi, sv);
     for (; i + 32 <= seg_end; i += 32) {
       PK_NIBBLES(j, i, q0, q1, 0) /* bits 4-7 are shifted out or ignored in avx2_lookup */
-      float* o = (float*)j->out + i;
+      float* o = (float*)j->out + (i - j->base);
       _mm256_storeu_ps(o, avx2_lookup(lo, hi, q0));
       _mm256_storeu_ps(o + 8, avx2_lookup(lo, hi, _mm_srli_si128(q0, 8)));
       _mm256_storeu_ps(o + 16, avx2_lookup(lo, hi, q1));
@@ -300,7 +267,7 @@ PK_INLINE PK_AVX2 void avx2_half(const Job* j, int64_t i, int64_t end, const int
       const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(q0), q1, 1);
       const __m256i lb = _mm256_shuffle_epi8(tlo, q), hb = _mm256_shuffle_epi8(thi, q);
       const __m256i w0 = _mm256_unpacklo_epi8(lb, hb), w1 = _mm256_unpackhi_epi8(lb, hb); /* per lane */
-      uint16_t* o = (uint16_t*)j->out + i;
+      uint16_t* o = (uint16_t*)j->out + (i - j->base);
       _mm256_storeu_si256((__m256i*)o, _mm256_permute2x128_si256(w0, w1, 0x20));
       _mm256_storeu_si256((__m256i*)(o + 16), _mm256_permute2x128_si256(w0, w1, 0x31));
     }
@@ -356,13 +323,6 @@ static RangeFn pick(int isa, int dt) {
 /* ---------------------------------------------------------------- errors */
 static _Thread_local char g_error[512];
 
-static int set_error(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(g_error, sizeof(g_error), fmt, ap);
-  va_end(ap);
-  return code;
-}
 
 static int ok(void) {
   g_error[0] = '\0';
@@ -388,13 +348,13 @@ static int log2i(int32_t v) {
 static int check_common(const char* fn, const uint8_t* packed, const float* code16, int64_t numel, int32_t blocksize,
                         int32_t out_dtype, const void* out) {
   if (!packed || !code16 || !out)
-    return set_error(PK_CPU_ERR_NULL_POINTER, "%s: null pointer (packed=%p code16=%p out=%p)", fn,
+    return pk_cpu_set_error(PK_CPU_ERR_NULL_POINTER, "%s: null pointer (packed=%p code16=%p out=%p)", fn,
                      (const void*)packed, (const void*)code16, out);
   if (!is_pow2_in(blocksize, 32, 4096))
-    return set_error(PK_CPU_ERR_BLOCKSIZE, "%s: blocksize %d is not a power of two in [32, 4096]", fn, (int)blocksize);
-  if (numel <= 0) return set_error(PK_CPU_ERR_NUMEL, "%s: numel must be > 0, got %lld", fn, (long long)numel);
+    return pk_cpu_set_error(PK_CPU_ERR_BLOCKSIZE, "%s: blocksize %d is not a power of two in [32, 4096]", fn, (int)blocksize);
+  if (numel <= 0) return pk_cpu_set_error(PK_CPU_ERR_NUMEL, "%s: numel must be > 0, got %lld", fn, (long long)numel);
   if (out_dtype != PK_CPU_DTYPE_F32 && out_dtype != PK_CPU_DTYPE_F16 && out_dtype != PK_CPU_DTYPE_BF16)
-    return set_error(PK_CPU_ERR_DTYPE, "%s: out_dtype %d is not 0 (f32), 1 (f16) or 2 (bf16)", fn, (int)out_dtype);
+    return pk_cpu_set_error(PK_CPU_ERR_DTYPE, "%s: out_dtype %d is not 0 (f32), 1 (f16) or 2 (bf16)", fn, (int)out_dtype);
   return PK_CPU_OK;
 }
 
@@ -425,7 +385,7 @@ PK_CPU_API int pk_cpu_dequantize_4bit(const uint8_t* packed, const float* absmax
                                       int64_t numel, int32_t blocksize, int32_t out_dtype, void* out,
                                       int32_t num_threads) {
   static const char fn[] = "pk_cpu_dequantize_4bit";
-  if (!absmax) return set_error(PK_CPU_ERR_NULL_POINTER, "%s: null pointer (absmax)", fn);
+  if (!absmax) return pk_cpu_set_error(PK_CPU_ERR_NULL_POINTER, "%s: null pointer (absmax)", fn);
   const int rc = check_common(fn, packed, code16, numel, blocksize, out_dtype, out);
   if (rc != PK_CPU_OK) return rc;
   Job job = {0};
@@ -444,12 +404,12 @@ PK_CPU_API int pk_cpu_dequantize_4bit_nested(const uint8_t* packed, const uint8_
                                              int32_t num_threads) {
   static const char fn[] = "pk_cpu_dequantize_4bit_nested";
   if (!absmax_q || !nested_absmax || !nested_code)
-    return set_error(PK_CPU_ERR_NULL_POINTER, "%s: null pointer (absmax_q=%p nested_absmax=%p nested_code=%p)", fn,
+    return pk_cpu_set_error(PK_CPU_ERR_NULL_POINTER, "%s: null pointer (absmax_q=%p nested_absmax=%p nested_code=%p)", fn,
                      (const void*)absmax_q, (const void*)nested_absmax, (const void*)nested_code);
   const int rc = check_common(fn, packed, code16, numel, blocksize, out_dtype, out);
   if (rc != PK_CPU_OK) return rc;
   if (!is_pow2_in(nested_blocksize, 1, INT32_C(1) << 30))
-    return set_error(PK_CPU_ERR_BLOCKSIZE, "%s: nested_blocksize %d is not a power of two", fn, (int)nested_blocksize);
+    return pk_cpu_set_error(PK_CPU_ERR_BLOCKSIZE, "%s: nested_blocksize %d is not a power of two", fn, (int)nested_blocksize);
   Job job = {0};
   job.packed = packed;
   job.absmax_q = absmax_q;
@@ -475,3 +435,24 @@ PK_CPU_API int pk_cpu_set_max_isa(int32_t max_isa) {
 }
 
 PK_CPU_API int pk_cpu_max_threads(void) { return max_threads(); }
+
+/* ------------------------------------------- internal: shared with gemv_4bit_cpu.c */
+RangeFn pk_cpu_range_fn(int32_t out_dtype) { return pick(active_isa(), out_dtype); }
+
+int pk_cpu_active_isa(void) { return active_isa(); }
+
+int pk_cpu_set_error(int code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int pk_cpu_ok(void) { return ok(); }
+
+int pk_cpu_omp_threads(void) { return max_threads(); }
+
+int pk_cpu_is_pow2_in(int32_t v, int32_t lo, int32_t hi) { return is_pow2_in(v, lo, hi); }
+
+int pk_cpu_log2i(int32_t v) { return log2i(v); }

@@ -26,13 +26,13 @@ extern "C" {
 #endif
 
 /* Bumped on every incompatible change; the Python loader refuses another value. */
-#define PK_CPU_VERSION 1
+#define PK_CPU_VERSION 2
 
 /* Return codes: numerically equal to the CUDA library's PK_ERR_* for the same failures. */
 #define PK_CPU_OK 0
 #define PK_CPU_ERR_NULL_POINTER 1   /* a required pointer argument is NULL */
 #define PK_CPU_ERR_BLOCKSIZE 2      /* blocksize not a power of two in [32, 4096] (or a bad nested_blocksize) */
-#define PK_CPU_ERR_NUMEL 3          /* numel <= 0 */
+#define PK_CPU_ERR_NUMEL 3          /* numel <= 0 (GEMV: m, n or k <= 0) */
 #define PK_CPU_ERR_DTYPE 4          /* out_dtype not one of PK_CPU_DTYPE_* */
 
 /* Output dtypes (same codes as the CUDA library). */
@@ -85,6 +85,31 @@ PK_CPU_API int pk_cpu_dequantize_4bit_nested(const uint8_t* packed, const uint8_
                                              float nested_offset, int32_t nested_blocksize, const float* code16,
                                              int64_t numel, int32_t blocksize, int32_t out_dtype, void* out,
                                              int32_t num_threads);
+
+/*
+ * Fused products with a 4-bit weight W [n, k] (row-major, the layout above:
+ * element r * k + c of the flat tensor is W[r, c]) for few rows, W never
+ * materialised (see gemv_4bit_cpu.c). float32 in and out, all row-major and
+ * contiguous; the decoded weights are bit-identical to pk_cpu_dequantize_4bit's
+ * float32 output, the sums are float32 in a fixed order (independent of threads).
+ *
+ *     pk_cpu_gemv_4bit_nt:  y[m, n]  = x[m, k] · Wᵀ + bias[n]   (bias may be NULL)
+ *     pk_cpu_gemv_4bit_nn:  dx[m, k] = dy[m, n] · W
+ *
+ * Block scales: absmax (float [ceil(n*k / blocksize)]), or absmax = NULL and the
+ * double-quantized absmax_q / nested_absmax / nested_code / nested_offset /
+ * nested_blocksize of pk_cpu_dequantize_4bit_nested. m, n, k > 0 (any values: k
+ * odd, blocks spanning rows). Every output element is written.
+ */
+PK_CPU_API int pk_cpu_gemv_4bit_nt(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
+                                   const float* nested_absmax, const float* nested_code, float nested_offset,
+                                   int32_t nested_blocksize, const float* code16, int32_t blocksize, const float* x,
+                                   int64_t m, int64_t n, int64_t k, const float* bias, float* y, int32_t num_threads);
+
+PK_CPU_API int pk_cpu_gemv_4bit_nn(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
+                                   const float* nested_absmax, const float* nested_code, float nested_offset,
+                                   int32_t nested_blocksize, const float* code16, int32_t blocksize, const float* dy,
+                                   int64_t m, int64_t n, int64_t k, float* dx, int32_t num_threads);
 
 /* Message describing the last pk_cpu_* call's failure on this thread ("" after
  * success). Valid until the next pk_cpu_* call on the same thread; never NULL. */

@@ -25,7 +25,7 @@ from ..quant.codes import VALID_BLOCKSIZES
 ENV_LIB = "PEFT_KERNELS_CPU_LIB"
 LIB_NAME = "libpeft_kernels_cpu.so"
 #: PK_CPU_VERSION of csrc/cpu/peft_kernels_cpu.h this module was written against.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 #: out_dtype codes of pk_cpu_dequantize_4bit.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -60,6 +60,12 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                   c.c_int32, c.c_void_p, c.c_int64, c.c_int32, c.c_int32,
                                                   c.c_void_p, c.c_int32]
     lib.pk_cpu_dequantize_4bit_nested.restype = c.c_int
+    quant = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_float, c.c_int32, c.c_void_p, c.c_int32]
+    lib.pk_cpu_gemv_4bit_nt.argtypes = quant + [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_void_p,
+                                                c.c_int32]
+    lib.pk_cpu_gemv_4bit_nt.restype = c.c_int
+    lib.pk_cpu_gemv_4bit_nn.argtypes = quant + [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int32]
+    lib.pk_cpu_gemv_4bit_nn.restype = c.c_int
 
 
 _LIB = CLibrary(what="CPU C library", env_var=ENV_LIB, folder="_cpu", lib_name=LIB_NAME,
@@ -176,3 +182,104 @@ def dequantize_4bit_cpu(packed: torch.Tensor, absmax: torch.Tensor, code: torch.
     if rc != 0:
         _raise_for(lib, fn, rc)
     return out
+
+
+# ------------------------------------------------------------------ fused 4-bit products for few rows
+def _quant_args(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, nested_offset,
+                nested_blocksize) -> list:
+    """The checked weight arguments of pk_cpu_gemv_4bit_* (W [n, k] in blockwise 4-bit)."""
+    nested = nested_absmax is not None
+    if nested != (nested_code is not None):
+        raise ValueError("give nested_absmax and nested_code together (double quantization) or neither")
+    _check_cpu("packed", packed, torch.uint8)
+    _check_cpu("absmax", absmax, torch.uint8 if nested else torch.float32)
+    _check_cpu("code", code, torch.float32)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"unsupported blocksize {blocksize!r}: expected one of {VALID_BLOCKSIZES}")
+    if code.numel() != 16:
+        raise ValueError(f"code must have 16 entries (the 4-bit code book), got {code.numel()}")
+    numel = n * k
+    if packed.numel() < (numel + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes but a [{n}, {k}] weight needs {(numel + 1) // 2}")
+    nblocks = -(-numel // blocksize)
+    if absmax.numel() < nblocks:
+        raise ValueError(f"absmax has {absmax.numel()} entries but a [{n}, {k}] weight in blocks of {blocksize} "
+                         f"needs {nblocks}")
+    if not nested:
+        return [packed.data_ptr(), absmax.data_ptr(), None, None, None, 0.0, 0, code.data_ptr(), blocksize]
+    _check_cpu("nested_absmax", nested_absmax, torch.float32)
+    _check_cpu("nested_code", nested_code, torch.float32)
+    if (isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int) or nested_blocksize < 1
+            or nested_blocksize & (nested_blocksize - 1)):
+        raise ValueError(f"nested_blocksize must be a power of two, got {nested_blocksize!r}")
+    if nested_code.numel() != 256 or nested_absmax.numel() < -(-nblocks // nested_blocksize):
+        raise ValueError(f"nested_code must have 256 entries and nested_absmax >= {-(-nblocks // nested_blocksize)} "
+                         f"(got {nested_code.numel()}, {nested_absmax.numel()})")
+    # c_float rounds the offset to float32 as the reference's decode_absmax does
+    return [packed.data_ptr(), None, absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr(),
+            float(nested_offset), nested_blocksize, code.data_ptr(), blocksize]
+
+
+def _rows_operand(name: str, t: torch.Tensor, cols: int) -> int:
+    """Rows of a float32 [rows, cols] CPU operand, checked."""
+    _check_cpu(name, t, torch.float32)
+    if t.dim() != 2 or t.shape[1] != cols or t.shape[0] < 1:
+        raise ValueError(f"{name} must be float32 [rows >= 1, {cols}], got {tuple(t.shape)}")
+    return t.shape[0]
+
+
+def _lib_or_raise() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the CPU C library is unavailable: {unavailable_reason()}")
+    return lib
+
+
+def gemv_4bit_nt_cpu(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     blocksize: int, n: int, bias: torch.Tensor | None = None, *,
+                     nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
+                     nested_offset: float = 0.0, nested_blocksize: int = 256) -> torch.Tensor:
+    """y [M, n] = x [M, K] · Wᵀ (+ bias [n]) with W [n, K] in 4-bit, never dequantized whole (float32 only).
+
+    Weight arguments as :func:`dequantize_4bit_cpu`. For few rows M (decode): it reads the 4-bit bytes once
+    instead of writing and re-reading a float32 copy of W. The decoded W is bit-identical to the
+    dequantization; the sums are float32 in a fixed order, independent of the thread count.
+    """
+    k = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() == 2 else -1
+    m = _rows_operand("x", x, k)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (output features) must be a positive int, got {n!r}")
+    args = _quant_args(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, nested_offset,
+                       nested_blocksize)
+    if bias is not None:
+        _check_cpu("bias", bias, torch.float32)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be float32 [{n}], got {tuple(bias.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib = _lib_or_raise()
+    rc = lib.pk_cpu_gemv_4bit_nt(*args, x.data_ptr(), m, n, k, None if bias is None else bias.data_ptr(),
+                                 y.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        _raise_for(lib, "pk_cpu_gemv_4bit_nt", rc)
+    return y
+
+
+def gemv_4bit_nn_cpu(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                     blocksize: int, k: int, *, nested_absmax: torch.Tensor | None = None,
+                     nested_code: torch.Tensor | None = None, nested_offset: float = 0.0,
+                     nested_blocksize: int = 256) -> torch.Tensor:
+    """dx [M, k] = dy [M, N] · W with W [N, k] in 4-bit, never dequantized whole (float32 only); see
+    :func:`gemv_4bit_nt_cpu`."""
+    n = dy.shape[-1] if isinstance(dy, torch.Tensor) and dy.dim() == 2 else -1
+    m = _rows_operand("dy", dy, n)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (input features) must be a positive int, got {k!r}")
+    args = _quant_args(packed, absmax, code, blocksize, n, k, nested_absmax, nested_code, nested_offset,
+                       nested_blocksize)
+    dx = torch.empty(m, k, dtype=torch.float32)
+    lib = _lib_or_raise()
+    rc = lib.pk_cpu_gemv_4bit_nn(*args, dy.data_ptr(), m, n, k, dx.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        _raise_for(lib, "pk_cpu_gemv_4bit_nn", rc)
+    return dx
+

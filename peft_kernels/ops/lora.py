@@ -77,8 +77,9 @@ class _DenseBase:
 
 class _QuantBase:
     """W [N, K] in blockwise 4-bit. Triton: the kernels dequantize W inside the GEMM (or into one reused
-    workspace for large M). CPU: W is dequantized once per op call (by the CPU C library when it loads,
-    else the reference; both give the same bits) and multiplied by torch — the reference computation."""
+    workspace for large M). CPU: few float32 rows go through the CPU C library's fused GEMV (W decoded
+    span by span, never whole); otherwise W is dequantized once per op call (by the CPU C library when it
+    loads, else the reference; both give the same bits) and multiplied by torch."""
 
     def __init__(self, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, n, k, device):
         self.packed, self.code, self.blocksize, self.n, self.k = packed, code, blocksize, n, k
@@ -98,6 +99,15 @@ class _QuantBase:
                                            self.blocksize, self.n * self.k, dtype).view(self.n, self.k)
         return self._w[dtype]
 
+    def _gemv(self, kind: str, a: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+        """The CPU C library's fused product for few float32 rows (``linear4bit.cpu_gemv``), else None."""
+        if self.which != "cpu" or self._w:  # W already dequantized in this call: multiply it
+            return None
+        from .linear4bit import cpu_gemv
+        absmax, nabs, ncode, noff = self.stats
+        return cpu_gemv(kind, a, self.packed, absmax, self.code, nabs, ncode, noff, self.blocksize, self.n, self.k,
+                        bias)
+
     def nt(self, x, xa_s, b, bias):
         if self.triton:
             if xa_s is None:
@@ -107,8 +117,10 @@ class _QuantBase:
             from ..kernels.lora import lora_matmul_4bit_nt
             return lora_matmul_4bit_nt(x.contiguous(), self.packed, self.absmax, self.code, self.blocksize, self.n,
                                        xa_s.contiguous(), b.contiguous(), bias)
-        w = self._dense(x.dtype)
-        y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+        y = self._gemv("nt", x, bias)
+        if y is None:
+            w = self._dense(x.dtype)
+            y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
         return y if xa_s is None else y.addmm_(xa_s, b.t())
 
     def nn(self, dy, dyb_s, a):
@@ -119,7 +131,9 @@ class _QuantBase:
             from ..kernels.lora import lora_matmul_4bit_nn
             return lora_matmul_4bit_nn(dy.contiguous(), self.packed, self.absmax, self.code, self.blocksize, self.k,
                                        dyb_s.contiguous(), a.contiguous())
-        dx = dy @ self._dense(dy.dtype)
+        dx = self._gemv("nn", dy, None)
+        if dx is None:
+            dx = dy @ self._dense(dy.dtype)
         return dx if dyb_s is None else dx.addmm_(dyb_s, a)
 
 
