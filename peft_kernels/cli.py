@@ -2,7 +2,7 @@
 
     peft-kernels train    --config run.yaml | --model PATH --data FILE --method lora --max-steps 200 ...
     peft-kernels demo     [--model PATH --data FILE]          # what `make demo` runs
-    peft-kernels estimate --model PATH | --config config.json --method lora --seq-len 2048 --batch 1 [--quantize]
+    peft-kernels estimate --model PATH | --config config.json | --shape llama-3-8b --method lora --quantize [--all-switches]
     peft-kernels merge    --model PATH --adapter DIR --out DIR [--mode dequantize|requantize]
     peft-kernels convert  checkpoint SRC OUT [--dequantize]   # transformers/bitsandbytes 4-bit <-> ours, dense -> 4-bit
     peft-kernels convert  adapter SRC OUT --model BASE [--to ours|peft]
@@ -338,14 +338,21 @@ def model_config(path: str | os.PathLike):
 def _estimate(args) -> int:
     from .train.estimate import estimate_memory
 
-    src = args.model or args.config
-    cfg = model_config(src)
+    if args.shape:
+        from .train.estimate import llama_config
+        src, cfg = args.shape, llama_config(args.shape)
+    else:
+        src = args.model or args.config
+        cfg = model_config(src)
     method: Any = args.method
     if args.method.strip().lower() in ("full", "none"):
         method = "full"
     est = estimate_memory(cfg, method=method, seq_len=args.seq_len, batch_size=args.batch, quantize=args.quantize,
                           precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
-                          optimizer=args.optimizer, lora_r=args.r)
+                          optimizer=args.optimizer, lora_r=args.r, fused_cross_entropy=args.fused_cross_entropy,
+                          quantize_embeddings=args.quantize_embeddings or args.all_switches,
+                          quantize_head=args.quantize_head or args.all_switches,
+                          offload_activations=args.offload_activations or args.all_switches)
     if args.json:
         print(json.dumps({"total_bytes": int(est.total_bytes), "breakdown": {k: int(v) for k, v in
                                                                               est.breakdown.items()}}, indent=2))
@@ -658,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory (its config.json is read, never the weights)")
     src.add_argument("--config", help="a config.json")
+    src.add_argument("--shape", choices=["llama-3-8b", "llama-3-70b"], help="a well-known shape (no file needed)")
     e.add_argument("--method", default="lora", help="lora, dora, bitfit, ..., or full (default lora)")
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--batch", type=int, default=1)
@@ -666,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gradient-checkpointing", action="store_true")
     e.add_argument("--optimizer", default="adamw")
     e.add_argument("--r", type=int, default=16, help="LoRA rank (default 16)")
+    e.add_argument("--fused-cross-entropy", action=argparse.BooleanOptionalAction, default=True,
+                   help="the Trainer's fused loss, no [T, V] logits (default on; --no-fused-cross-entropy: "
+                        "transformers' full-logits loss)")
+    e.add_argument("--quantize-embeddings", action="store_true", help="4-bit input embeddings")
+    e.add_argument("--quantize-head", action="store_true", help="4-bit output head")
+    e.add_argument("--offload-activations", action="store_true",
+                   help="checkpoints in pinned host memory (with --gradient-checkpointing)")
+    e.add_argument("--all-switches", action="store_true",
+                   help="--quantize-embeddings --quantize-head --offload-activations (with the fused loss)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     m = sub.add_parser("merge", help="merge an adapter into its base model and save the result")

@@ -191,8 +191,11 @@ def test_estimate_reads_only_the_config(tmp_path, capsys):
     want = estimate_memory(AutoConfig.for_model("llama", **{k: v for k, v in json.loads(cfg.read_text()).items()
                                                             if k != "model_type"}),
                            method="lora", seq_len=256, batch_size=2, quantize=True, precision="fp32",
-                           gradient_checkpointing=False, optimizer="adamw", lora_r=16)
+                           gradient_checkpointing=False, optimizer="adamw", lora_r=16, fused_cross_entropy=True)
     assert got["total_bytes"] == want.total_bytes > 0
+    full_logits = json.loads(run(capsys, "estimate", "--config", cfg, "--method", "lora", "--seq-len", 256, "--batch",
+                                 2, "--quantize", "--precision", "fp32", "--json", "--no-fused-cross-entropy")[1])
+    assert full_logits["total_bytes"] > want.total_bytes
     # a model directory whose weights file is garbage: the estimate never opens it
     mdir = tmp_path / "m"
     mdir.mkdir()
@@ -205,6 +208,20 @@ def test_estimate_reads_only_the_config(tmp_path, capsys):
     small = json.loads(run(capsys, "estimate", "--config", cfg, "--seq-len", 128, "--json")[1])["total_bytes"]
     large = json.loads(run(capsys, "estimate", "--config", cfg, "--seq-len", 1024, "--json")[1])["total_bytes"]
     assert large > small
+
+
+def test_estimate_memory_switches_for_well_known_shapes(capsys):
+    from peft_kernels.train.estimate import estimate_memory, llama_config
+
+    code, stdout, err = run(capsys, "estimate", "--shape", "llama-3-70b", "--method", "qlora", "--quantize",
+                            "--gradient-checkpointing", "--optimizer", "paged_adamw8bit", "--all-switches", "--json")
+    assert code == 0, err
+    want = estimate_memory(llama_config("llama-3-70b"), method="qlora", quantize=True, seq_len=2048, precision="bf16",
+                           gradient_checkpointing=True, optimizer="paged_adamw8bit", fused_cross_entropy=True,
+                           quantize_embeddings=True, quantize_head=True, offload_activations=True)
+    assert json.loads(stdout)["total_bytes"] == want.total_bytes
+    code, _, err = run(capsys, "estimate", "--shape", "llama-3-8b", "--offload-activations")
+    assert code == 2 and "needs gradient_checkpointing" in err
 
 
 def test_estimate_bad_inputs(tmp_path, capsys):
