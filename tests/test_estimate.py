@@ -12,6 +12,7 @@ from peft_kernels.prepare import prepare
 from peft_kernels.quant.model import tensor_bytes
 from peft_kernels.train.estimate import MemoryEstimate, estimate_memory, llama_config, model_shape
 from peft_kernels.train.memory import LiveStorageTracker, measure_peak_bytes
+from peft_kernels.train.optim import StepInBackward
 
 from _tiny_models import build
 
@@ -66,7 +67,7 @@ def _llama(h=128, inter=352, layers=2, vocab=1024, heads=4, kv=2, attn="sdpa"):
 
 
 def _measure_step(cfg, method, *, quantize, gc, batch, seq, precision="fp32", weight_dtype=None, ce_chunk=None,
-                  **prepare_kw):
+                  optimizer_in_backward=False, **prepare_kw):
     """Peak bytes of the second of two training steps (forward, backward, AdamW step): steady state.
 
     The model is loaded in ``weight_dtype`` (default: ``precision``); fp32 weights with a 16-bit precision
@@ -84,6 +85,7 @@ def _measure_step(cfg, method, *, quantize, gc, batch, seq, precision="fp32", we
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    in_bwd = StepInBackward(opt) if optimizer_in_backward else None
     autocast = weight_dtype == "fp32" and precision != "fp32"
 
     def step():
@@ -98,6 +100,11 @@ def _measure_step(cfg, method, *, quantize, gc, batch, seq, precision="fp32", we
             del logits
         else:
             loss = model(input_ids=ids, labels=ids).loss
+        if in_bwd is not None:  # the Trainer's optimizer_in_backward: each update inside backward
+            in_bwd.active = True
+            loss.backward()
+            in_bwd.active = False
+            return
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,6 +160,9 @@ SWITCH_CASES = {
     "qlora_fused_ce_ckpt": ({"inter": 704, "vocab": 4096}, LORA, True, True, 2, 128, "fp32", 256 << 10, {}),
     "qlora_fused_ce_autocast_bf16": ({"vocab": 2048}, LORA, True, False, 2, 64, "fp32>bf16", 64 << 10, {}),
     "qlora_fused_ce_bf16_whole_chunk": ({}, LORA, True, False, 2, 64, "bf16", None, {}),
+    # all-linear LoRA over fp32 dense weights: the gradients are a large share of the peak without it
+    "lora_fused_ce_step_in_backward": ({"vocab": 512}, LORA, False, True, 1, 64, "fp32", 64 << 10,
+                                       {"optimizer_in_backward": True}),
 }
 
 

@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -416,3 +417,64 @@ def test_diverged_loss_stops_before_updating(tmp_path, examples):
     after = trainable_snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before if n != name)
     assert not os.path.exists(c_dir := tmp_path / "out") or not os.listdir(c_dir)
+
+
+# ====================================================================== optimizer step inside backward
+@pytest.mark.parametrize("optimizer,quant", [("adamw", True), ("adamw8bit", False)])
+def test_optimizer_in_backward_equals_the_ordinary_step(tmp_path, examples, optimizer, quant):
+    """Same losses and parameters, step for step, as the ordinary step (no clipping, one micro-batch), while
+    no two gradients of the step are ever alive together; the checkpointed optimizer state is the same."""
+    r = 64 if optimizer == "adamw8bit" else 4  # >= 4096 elements: 8-bit state in bitsandbytes
+    runs = {}
+    for in_bwd in (False, True):
+        model = lora_model(quant=quant, r=r)
+        params = [p for p in model.parameters() if p.requires_grad]
+        worst = [0]
+
+        def watch(p, params=params, worst=worst):  # registered first: runs before the step frees p's gradient
+            worst[0] = max(worst[0], sum(1 for q in params if q.grad is not None))
+        hooks = [p.register_post_accumulate_grad_hook(watch) for p in params]
+        tr = Trainer(model, None, cfg(tmp_path / str(in_bwd), max_steps=3, optimizer=optimizer, max_grad_norm=None,
+                                      scheduler="cosine", warmup_steps=1, optimizer_in_backward=in_bwd), examples)
+        res = tr.train()
+        for h in hooks:
+            h.remove()
+        runs[in_bwd] = (res.losses, trainable_snapshot(model), tr)
+        if in_bwd:
+            assert tr.step_in_backward.steps == 3 * len(params)
+            assert worst[0] == 1, f"{worst[0]} gradients alive at once"
+            assert all(p.grad is None for p in params)
+        else:  # the ordinary step holds them all (the comparison can fail)
+            assert worst[0] == len(params)
+    (l0, p0, t0), (l1, p1, t1) = runs[False], runs[True]
+    assert l0 == l1
+    assert all(torch.equal(p0[n], p1[n]) for n in p0)
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+    assert same(t0.optimizer.state_dict()["state"], t1.optimizer.state_dict()["state"])
+
+
+def test_optimizer_in_backward_refuses_what_needs_all_gradients(tmp_path, examples):
+    for kw, needle in (({"grad_accum": 2}, "grad_accum=2"), ({}, "max_grad_norm=1.0"),
+                       ({"precision": "fp16", "max_grad_norm": None}, "precision='fp16'")):
+        with pytest.raises(ValueError, match=f"optimizer_in_backward=True cannot be used with {re.escape(needle)}"):
+            cfg(tmp_path, optimizer_in_backward=True, **kw)
+    with pytest.raises(ValueError, match="optimizer_in_backward must be true or false"):
+        cfg(tmp_path, optimizer_in_backward="yes")
+
+
+def test_optimizer_in_backward_skips_a_diverged_step(tmp_path, examples):
+    model = lora_model()
+    name, p = next((n, p) for n, p in model.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        p[0, 0] = float("nan")
+    before = trainable_snapshot(model)
+    tr = Trainer(model, None, cfg(tmp_path, max_steps=2, max_grad_norm=None, optimizer_in_backward=True), examples)
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 1; the parameters were not updated"):
+        tr.train()
+    after = trainable_snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before if n != name)
+    assert tr.step_in_backward.steps == 0

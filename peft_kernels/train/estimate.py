@@ -45,6 +45,11 @@ Fused linear cross-entropy (``fused_cross_entropy=True``, the Trainer's default;
   is stored like a ``Linear4bit`` weight. A 4-bit head without the fused loss is dequantized whole for the
   logits (CUDA: into the cached workspace, which then has the head's size; CPU: a transient copy in the
   forward and again in its backward), and its logits are in its input's dtype.
+Fused kernels (``fused_kernels``): a fused RMSNorm keeps its input itself (T·h·a, the residual) + rstd, not
+  a float32 copy, and nothing more when its weight trains; a fused SwiGLU keeps gate and up only (SiLU is
+  recomputed in its backward).
+Optimizer step in backward (``optimizer_in_backward``): no ``optimizer_step`` phase; the backward phases hold
+  one gradient (the largest) and one parameter's AdamW temporaries instead of every gradient.
 Activation offload (``offload_activations=True`` with checkpointing, CUDA): the checkpoints live in pinned
   host memory; the device keeps at most 3 (the last layer's, the one in use, one prefetched).
 Backward of a block (peak at the SwiGLU product's backward): its saved tensors minus the down_proj
@@ -475,7 +480,8 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
                     attn_implementation: Optional[str] = None, weight_dtype: Optional[str] = None,
                     fused_cross_entropy: bool = False, ce_chunk_bytes: Optional[int] = None,
                     quantize_embeddings: bool = False, quantize_head: bool = False,
-                    offload_activations: bool = False) -> MemoryEstimate:
+                    offload_activations: bool = False, fused_kernels=False,
+                    optimizer_in_backward: bool = False) -> MemoryEstimate:
     """Estimated peak bytes of one training step (forward, backward, optimizer step) for a model config.
 
     Args:
@@ -500,6 +506,10 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
             (``quantize_model(quantize_embeddings=, quantize_head=)``; both or neither when tied).
         offload_activations: checkpoints offloaded to pinned host memory (needs gradient_checkpointing;
             changes nothing on ``device="cpu"``, where they already live in host memory).
+        fused_kernels: the fused RMSNorm and SwiGLU modules (``prepare(fused_kernels=...)``): True, False, or
+            a dict ``{"rmsnorm": bool, "swiglu": bool}``.
+        optimizer_in_backward: ``TrainConfig.optimizer_in_backward``: each parameter updated inside backward
+            (``train.optim.StepInBackward``), so the gradients never all exist at once.
 
     Raises ValueError naming every bad argument.
     """
@@ -518,7 +528,7 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
     for key, v in (("quantize", quantize), ("gradient_checkpointing", gradient_checkpointing),
                    ("double_quant", double_quant), ("fused_cross_entropy", fused_cross_entropy),
                    ("quantize_embeddings", quantize_embeddings), ("quantize_head", quantize_head),
-                   ("offload_activations", offload_activations)):
+                   ("offload_activations", offload_activations), ("optimizer_in_backward", optimizer_in_backward)):
         if not isinstance(v, bool):
             problems.append(f"{key}={v!r} (must be True or False)")
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
@@ -530,6 +540,7 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
         problems.append(f"ce_chunk_bytes={ce_chunk_bytes!r} (must be a positive integer or None)")
     if offload_activations is True and gradient_checkpointing is False:
         problems.append("offload_activations=True needs gradient_checkpointing=True (it offloads the checkpoints)")
+    fused = _fused_flags(fused_kernels, problems)
     if problems:
         raise ValueError("invalid estimate_memory argument(s): " + "; ".join(problems))
     shape = model_shape(model_config)
@@ -553,11 +564,14 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
         ce_chunk_bytes = DEFAULT_CHUNK_BYTES[device]
     switches = Switches(fused_ce=fused_cross_entropy, ce_chunk=ce_chunk_bytes or 0, q_embed=quantize_embeddings,
                         q_head=quantize_head or (shape.tie_embeddings and quantize_embeddings),
-                        offload=offload_activations and device == "cuda")
+                        offload=offload_activations and device == "cuda", fused_rmsnorm=fused[0],
+                        fused_swiglu=fused[1], step_in_backward=optimizer_in_backward)
     return _estimate(shape, plan, seq_len=seq_len, batch=batch_size, a=a, A=A, gc=gradient_checkpointing,
                      optimizer=optimizer, device=device, blocksize=blocksize, double_quant=double_quant, sw=switches,
                      settings={"fused_cross_entropy": fused_cross_entropy, "quantize_embeddings": quantize_embeddings,
                                "quantize_head": quantize_head, "offload_activations": offload_activations,
+                               "fused_rmsnorm": fused[0], "fused_swiglu": fused[1],
+                               "optimizer_in_backward": optimizer_in_backward,
                                "method": "+".join(plan.names), "seq_len": seq_len, "batch_size": batch_size,
                                "precision": precision, "weight_dtype": weight_dtype or precision, "quantize": quantize,
                                "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer,
@@ -573,6 +587,20 @@ class Switches:
     q_embed: bool = False      # 4-bit input embeddings
     q_head: bool = False       # 4-bit output head
     offload: bool = False      # checkpoints in pinned host memory (CUDA)
+    fused_rmsnorm: bool = False  # ops/fused_layers.rms_norm: saves x itself + rstd, not a float32 copy
+    fused_swiglu: bool = False   # ops/fused_layers.swiglu: saves gate and up, SiLU recomputed
+    step_in_backward: bool = False  # train.optim.StepInBackward: one gradient alive at a time
+
+
+def _fused_flags(fused_kernels, problems: list) -> tuple[bool, bool]:
+    """(rmsnorm, swiglu) from ``fused_kernels`` (True / False / a dict of the two)."""
+    if isinstance(fused_kernels, bool):
+        return fused_kernels, fused_kernels
+    if isinstance(fused_kernels, dict) and set(fused_kernels) <= {"rmsnorm", "swiglu"} and all(
+            isinstance(v, bool) for v in fused_kernels.values()):
+        return fused_kernels.get("rmsnorm", True), fused_kernels.get("swiglu", True)
+    problems.append(f"fused_kernels={fused_kernels!r} (True, False or a dict of 'rmsnorm' / 'swiglu' booleans)")
+    return False, False
 
 
 def _fused_ce_terms(*, n: int, T: int, h: int, V: int, a: int, A: int, chunk: int, device: str,
@@ -720,6 +748,10 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
                 b += out_f * in_f * A
         return b + shared, shared
 
+    # an RMSNorm keeps its input as float32 (a copy, or the residual itself when that is fp32) + rsqrt per row;
+    # the fused RMSNorm keeps the input tensor itself, whatever its dtype
+    norm_saved = (T * h * a if sw.fused_rmsnorm else T * h * 4) + T * 4
+
     def layer_parts(i: int) -> tuple[int, int]:
         """(bytes block ``i`` keeps for backward without checkpointing, of which the down_proj input)."""
         layer = plan.linears[i]
@@ -728,8 +760,8 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         # input RMSNorm: fp32 input (a copy, or the residual itself when that is fp32) + rsqrt; its output
         # (in the weights' dtype) when the norm weight trains
         if norm_input_saved(i):
-            b += T * h * 4 + T * 4
-        if f["norm_w"]:
+            b += norm_saved
+        if f["norm_w"] and not sw.fused_rmsnorm:
             b += T * h * a
         b += linears_saved(layer, ("q_proj", "k_proj", "v_proj"), a, h, f["x"] or f["norm_w"])[0]
         # attention (nothing when no input of it requires grad); it saves q, k, v in the compute dtype
@@ -746,11 +778,12 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         b += o_saved
         # post-attention RMSNorm on the residual h1 (in the weights' dtype: a 16-bit branch output is promoted)
         if f["h1"] or f["norm_w"]:
-            b += T * h * 4 + T * 4 + (T * h * a if f["norm_w"] else 0)
+            b += norm_saved + (T * h * a if f["norm_w"] and not sw.fused_rmsnorm else 0)
         b += linears_saved(layer, ("gate_proj", "up_proj"), a, h, f["h1"] or f["norm_w"])[0]
         g_b, u_b = out_bytes(layer["gate_proj"], a), out_bytes(layer["up_proj"], a)
         if f["mlp"]:
-            b += T * I * (2 * g_b + u_b)                                    # gate out, SiLU out, up out
+            # gate out, SiLU out, up out (fused SwiGLU: gate and up only, SiLU recomputed)
+            b += T * I * (g_b + u_b if sw.fused_swiglu else 2 * g_b + u_b)
         down, _ = linears_saved(layer, ("down_proj",), max(g_b, u_b), I, f["mlp"])
         b += down
         b += int(T * sum(lp.extra_saved_per_token for lp in layer.values()))
@@ -767,8 +800,8 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         return max(out_bytes(layer["gate_proj"], a), out_bytes(layer["up_proj"], a))
 
     per_layer = [layer_saved(i) if i in grad_layers else 0 for i in range(L)]
-    final = T * h * 4 + T * 4 if n_grad or plan.norms_train else 0     # final RMSNorm input (fp32) + rsqrt
-    if plan.norms_train:
+    final = norm_saved if n_grad or plan.norms_train else 0             # final RMSNorm input + rsqrt
+    if plan.norms_train and not sw.fused_rmsnorm:
         final += T * h * a
     if plan.head_trains:
         final += T * h * A                                                # lm_head input (its cast under autocast)
@@ -803,8 +836,8 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         minus the down_proj input (freed once down_proj's backward has run), plus d(product), d(SiLU
         out), d(up out) and the block's output gradient."""
         own = per_layer[i] - layer_parts(i)[1]
-        if gc and a == 4 and norm_input_saved(i):
-            own -= T * h * 4   # the recomputed norm input is the checkpoint itself
+        if gc and (a == 4 or sw.fused_rmsnorm) and norm_input_saved(i):
+            own -= T * h * a   # the recomputed norm input is the checkpoint itself
         return own + 3 * T * I * mlp_act_bytes(i) + T * h * a
 
     head_grads = a * sum(n for n, t in zip(outer, outer_train) if t)
@@ -823,6 +856,15 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
                      "gradients": grads - layer_grads[first]}
     else:
         bwd_last = bwd_first = {"activations": kept, "gradients": grads}
+    if sw.step_in_backward:
+        # each parameter is updated (and its gradient freed) as soon as its gradient is complete: no phase holds
+        # more than one gradient, and the step's temporaries are those of one parameter (2x the largest)
+        one = 2 * max([4 * n for n in trainable_sizes] + [a * n for n in trained_dense_sizes] + [0]) \
+            if optimizer == "adamw" else 0
+        largest = max([4 * n for n in trainable_sizes] + [a * n for n in trained_dense_sizes] + [0])
+        for ph in (bwd_last, bwd_first):
+            ph["gradients"] = largest
+            ph["optimizer_temporaries"] = one
     phases = {
         "forward": {"activations": saved_all, "logits": logits_fwd},
         "loss_backward": {"activations": saved_all, "logits": loss_bwd},
@@ -831,6 +873,8 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         "optimizer_step": {"gradients": grads, "optimizer_temporaries": _opt_temp(
             optimizer, device, trainable_sizes, trained_dense_sizes, a)},
     }
+    if sw.step_in_backward:
+        del phases["optimizer_step"]  # it happened inside the backward phases
     base = sum(persistent.values())
     totals = {k: base + sum(v.values()) for k, v in phases.items()}
     peak = max(totals, key=totals.get)

@@ -7,6 +7,8 @@
   (bitsandbytes' ``min_8bit_size``), so tiny adapters see no 8-bit effect.
   Weight decay applies to matrices (ndim >= 2) only: decaying biases, norm weights or 1-D deltas toward
   0 is not what users of ``weight_decay`` expect (the transformers Trainer makes the same split).
+* :class:`StepInBackward`: the optimizer step fused into backward, each parameter updated (and its
+  gradient freed) as soon as its gradient is complete (``TrainConfig.optimizer_in_backward``).
 * :func:`lr_lambda` / :func:`build_scheduler`: linear warmup over ``warmup_steps`` steps, then
   ``"cosine"`` (to 0 at ``max_steps``), ``"linear"`` (to 0 at ``max_steps``) or ``"constant"``. The
   multiplier is a pure function of the step, so a resumed run gets exactly the same learning rates.
@@ -103,4 +105,50 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler: str = "cosine",
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(scheduler, warmup_steps, max_steps))
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "param_groups", "build_optimizer", "lr_lambda", "build_scheduler"]
+class StepInBackward:
+    """Run ``optimizer``'s update of each parameter inside backward, as soon as its gradient is complete, and
+    free that gradient at once: the step never holds every trainable parameter's gradient at the same time
+    (for a 70B-shaped QLoRA at r = 16 that is 0.8 GB of float32 gradients).
+
+    How: a ``register_post_accumulate_grad_hook`` per parameter calls ``optimizer.step()`` with its
+    ``param_groups`` narrowed to that parameter's group holding that parameter alone (the group's current
+    hyperparameters, so the LR schedule applies), then sets the gradient to None. The optimizer object, its
+    state (keyed by parameter) and its state_dict stay those of the ordinary step, so checkpoints and
+    schedules are unchanged. torch's AdamW and bitsandbytes' 8-bit AdamW update each parameter from its
+    own gradient and state only, so the result is the ordinary step's.
+
+    Only while :attr:`active` (the Trainer sets it around its backward): other backward passes (an eval,
+    a user's own) leave gradients alone. Incompatible with anything that needs all gradients before any
+    update — gradient accumulation, clipping by the global norm, fp16 loss scaling, DDP/FSDP reductions —
+    the Trainer refuses those combinations.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.active = False
+        self.steps = 0  # parameter updates done (tests count them)
+        self._group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self._group_of]
+
+    def _step(self, p: torch.Tensor) -> None:
+        if not self.active or p.grad is None:
+            return
+        opt = self.optimizer
+        full = opt.param_groups
+        opt.param_groups = [{**self._group_of[p], "params": [p]}]
+        try:
+            opt.step()
+        finally:
+            opt.param_groups = full
+        p.grad = None
+        self.steps += 1
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "param_groups", "build_optimizer", "lr_lambda", "build_scheduler",
+           "StepInBackward"]

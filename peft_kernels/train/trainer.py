@@ -38,7 +38,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .data import count_label_tokens, data_hash, epoch_batches
 from .loss import FusedCausalLMLoss, causal_lm_loss_sum
-from .optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
+from .optim import OPTIMIZERS, SCHEDULERS, StepInBackward, build_optimizer, build_scheduler
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = (None, "ddp", "fsdp2")
@@ -57,6 +57,9 @@ class TrainConfig:
     (:mod:`peft_kernels.train.loss`), never building the [B, T, V] logits; the same loss and gradients
     as the logits path to floating-point tolerance. Models it cannot serve (a head that is not a plain
     linear layer, unknown logit post-processing) fall back to the logits with a warning.
+    optimizer_in_backward: update each parameter inside backward as soon as its gradient is complete and
+    free that gradient (:class:`~peft_kernels.train.optim.StepInBackward`): the step never holds all
+    gradients at once. Needs grad_accum = 1, max_grad_norm = None, precision bf16/fp32 and one process.
     """
 
     output_dir: str
@@ -81,6 +84,7 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     distributed: Optional[str] = None
     fused_cross_entropy: bool = True
+    optimizer_in_backward: bool = False
 
     def __post_init__(self):
         errors = []
@@ -119,9 +123,17 @@ class TrainConfig:
                               ("distributed", DISTRIBUTED)):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("packing", "progress", "fused_cross_entropy"):
+        for name in ("packing", "progress", "fused_cross_entropy", "optimizer_in_backward"):
             if not isinstance(getattr(self, name), bool):
                 errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.optimizer_in_backward is True:
+            # each parameter is updated as soon as its own gradient exists: nothing may need all of them first
+            for bad, why in ((self.grad_accum != 1, f"grad_accum={self.grad_accum} (must be 1)"),
+                             (self.max_grad_norm is not None,
+                              f"max_grad_norm={self.max_grad_norm} (clipping by the global norm; set None)"),
+                             (self.precision == "fp16", "precision='fp16' (loss scaling; use bf16)")):
+                if bad:
+                    errors.append(f"optimizer_in_backward=True cannot be used with {why}")
         if errors:
             raise ValueError("invalid TrainConfig: " + "; ".join(errors))
 
@@ -283,6 +295,7 @@ class Trainer:
                                          max_steps=cfg.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.regrow = self._drop_and_grow()
+        self.step_in_backward = self._step_in_backward()
         self.step = 0
         self.position = {"epoch": 0, "index": 0}
         self.losses: list[float] = []
@@ -332,6 +345,18 @@ class Trainer:
         if scfg is None or scfg.regrow_every is None:
             return None
         return sparse.DropAndGrow(self.model, self.optimizer, scfg)
+
+    def _step_in_backward(self):
+        """:class:`StepInBackward` when ``optimizer_in_backward`` is on (refused where it cannot be exact)."""
+        if not self.cfg.optimizer_in_backward:
+            return None
+        if self.world_size > 1:
+            raise ValueError("optimizer_in_backward=True needs one process: DDP/FSDP reduce gradients after "
+                             "backward, and each rank would update before the reduction")
+        if self.regrow is not None:
+            raise ValueError("optimizer_in_backward=True cannot be used with sparse drop-and-grow (regrow_every), "
+                             "which reads the optimizer state between steps")
+        return StepInBackward(self.optimizer)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size <= 1:
@@ -443,6 +468,8 @@ class Trainer:
         mine = batches[self.rank::self.world_size]
         self.train_model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.step_in_backward is not None:
+            return self._train_step_in_backward(mine[0], n_tokens, batches)
         loss_sum, _ = self.accumulate_gradients(mine, n_tokens)
         loss_sum = self._all_reduce_sum(loss_sum)
         if not math.isfinite(loss_sum) and not self.scaler.is_enabled():
@@ -465,6 +492,28 @@ class Trainer:
             self._step_start = None  # the step is complete: a checkpoint now is of this step's end
         self._tokens += sum(int(b["num_tokens"]) for b in batches)  # all ranks' tokens: global throughput
         return loss
+
+    def _train_step_in_backward(self, batch: dict, n_tokens: int, batches: list[dict]) -> float:
+        """train_step with the update inside backward (one micro-batch, one process: see TrainConfig)."""
+        if n_tokens == 0:
+            raise ValueError("the accumulated batch has no label tokens")
+        loss = self.loss_sum(batch)
+        loss_sum = float(loss.detach())
+        if not math.isfinite(loss_sum):  # checked before backward: the updates happen inside it
+            raise FloatingPointError(f"the training loss is {loss_sum / n_tokens} at step {self.step + 1}; the "
+                                     f"parameters were not updated (lower lr, or use fp32/bf16 precision)")
+        with _defer_sigint():  # a Ctrl-C inside backward would leave some parameters updated, others not
+            self.step_in_backward.active = True
+            try:
+                (loss / n_tokens).backward()
+            finally:
+                self.step_in_backward.active = False
+            self.scheduler.step()
+            self.step += 1
+            self.losses.append(loss_sum / n_tokens)
+            self._step_start = None
+        self._tokens += sum(int(b["num_tokens"]) for b in batches)
+        return loss_sum / n_tokens
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
