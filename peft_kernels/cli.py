@@ -353,7 +353,8 @@ def _estimate(args) -> int:
                           quantize_embeddings=args.quantize_embeddings or args.all_switches,
                           quantize_head=args.quantize_head or args.all_switches,
                           offload_activations=args.offload_activations or args.all_switches,
-                          optimizer_in_backward=args.optimizer_in_backward or args.all_switches)
+                          optimizer_in_backward=args.optimizer_in_backward or args.all_switches,
+                          fused_kernels=args.fused_kernels or args.all_switches)
     if args.json:
         print(json.dumps({"total_bytes": int(est.total_bytes), "breakdown": {k: int(v) for k, v in
                                                                               est.breakdown.items()}}, indent=2))
@@ -682,11 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize-head", action="store_true", help="4-bit output head")
     e.add_argument("--offload-activations", action="store_true",
                    help="checkpoints in pinned host memory (with --gradient-checkpointing)")
+    e.add_argument("--fused-kernels", action="store_true", help="fused RMSNorm and SwiGLU modules")
     e.add_argument("--optimizer-in-backward", action="store_true",
                    help="TrainConfig.optimizer_in_backward: each parameter updated inside backward")
     e.add_argument("--all-switches", action="store_true",
-                   help="--quantize-embeddings --quantize-head --offload-activations --optimizer-in-backward "
-                        "(with the fused loss)")
+                   help="--quantize-embeddings --quantize-head --fused-kernels --offload-activations "
+                        "--optimizer-in-backward (with the fused loss)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
     m = sub.add_parser("merge", help="merge an adapter into its base model and save the result")

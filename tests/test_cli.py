@@ -219,7 +219,7 @@ def test_estimate_memory_switches_for_well_known_shapes(capsys):
     want = estimate_memory(llama_config("llama-3-70b"), method="qlora", quantize=True, seq_len=2048, precision="bf16",
                            gradient_checkpointing=True, optimizer="paged_adamw8bit", fused_cross_entropy=True,
                            quantize_embeddings=True, quantize_head=True, offload_activations=True,
-                           optimizer_in_backward=True)
+                           optimizer_in_backward=True, fused_kernels=True)
     assert json.loads(stdout)["total_bytes"] == want.total_bytes
     code, _, err = run(capsys, "estimate", "--shape", "llama-3-8b", "--offload-activations")
     assert code == 2 and "needs gradient_checkpointing" in err
