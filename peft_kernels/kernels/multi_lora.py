@@ -1,0 +1,197 @@
+"""Triton BGMV kernels for mixed-adapter batches: every row of x uses its own LoRA adapter (or none).
+
+The adapters live in stacked, rank-padded slot tensors (one set per layer, see ``serving/pool.py``)::
+
+    lora_A   [S, R, K]   slot s holds A_s [r_s, K] in rows [0, r_s); rows >= r_s are ignored
+    lora_B   [S, N, R]   slot s holds B_s [N, r_s] in columns [0, r_s)
+    scales   float32 [S] s_s = alpha/r (or alpha/sqrt(r))
+    ranks    int32 [S]   r_s (0: an empty slot)
+    slots    int32 [M]   the slot of each row; -1 = no adapter
+
+* ``bgmv_shrink(x, lora_A, scales, ranks, slots)``: ``xa[m] = s_{slot m} · x[m] A_{slot m}ᵀ``, float32
+  [M, R] (zero for rows without an adapter and beyond each row's rank).
+* ``bgmv_expand_(y, xa, lora_B, ranks, slots)``: ``y[m] += xa[m] B_{slot m}ᵀ`` in place (rows without an
+  adapter are not touched): the low-rank term added to a base output ``y`` [M, N] (x W^T + b, already
+  computed by matmul4bit's kernels over the NF4 weight, or by cuBLAS over a dense one).
+
+"BGMV" (batched gather matrix-vector, as in Punica / S-LoRA): one program per (row, block of the output
+dimension) gathers its row's adapter by the slot index, so a batch of 64 rows over 64 distinct adapters
+costs one launch per stage and reads each adapter once. Both stages are memory-bound (r << K, N): the
+shrink reads r_s·K elements of A per row, the expand r_s elements of B per output element. The per-slot
+rank masks the loads, so an r = 4 adapter in an R = 16 slot reads a quarter of the slot's A.
+
+Why two kernels and not an epilogue of the NF4 GEMM: in a [BLOCK_M, BLOCK_N] tile every row gathers a
+different B, so the epilogue is an [BLOCK_M, BLOCK_N, r] gather (no tensor cores), and xa must exist
+before any N tile starts (a separate pass anyway). The separate expand costs one more read + write of y
+(M·N elements: 3.7 MB at M = 64, N = 14336, bf16) next to the 29 MB NF4 weight and the up to
+M·r·(K + N) adapter elements both variants read.
+
+Operands: x and lora_A in one dtype (fp32/fp16/bf16), y and lora_B in one dtype; products accumulate
+in float32; xa is float32 (scaled once, rounded never before the expand).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import FLOAT_DTYPES, TL_PTR, AotVariant, check_arg, check_device
+
+#: Rank chunk (rows of A / columns of B per step): any R works (masked), R = 16 is one step.
+BLOCK_R = 16
+#: Shrink: K elements per step (x row chunk and a [BLOCK_R, BLOCK_K] tile of A). 4 warps.
+SHRINK_BLOCK_K = 256
+#: Expand: output columns per program (a [BLOCK_N, BLOCK_R] tile of B: 8 KB bf16 contiguous).
+EXPAND_BLOCK_N = 256
+NUM_WARPS = 4
+
+
+@triton.jit
+def _bgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, K, R,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid (M, cdiv(R, BLOCK_R)). A row without an adapter (slot < 0) masks every load: it writes zeros.
+    m = tl.program_id(0)
+    rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.load(slot_ptr + m)
+    valid = slot >= 0
+    s = tl.maximum(slot, 0).to(tl.int64)
+    rank = tl.where(valid, tl.load(rank_ptr + s), 0)  # s is clamped: always a real slot
+    r_ok = rr < rank
+    a_rows = a_ptr + s * R * K + rr.to(tl.int64)[:, None] * K
+    x_row = x_ptr + m.to(tl.int64) * K
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        xv = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
+        at = tl.load(a_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += at * xv[None, :]
+    scale = tl.where(valid, tl.load(scale_ptr + s), 0.0)
+    out = tl.sum(acc, axis=1) * scale
+    out = tl.where(r_ok, out, 0.0)
+    tl.store(xa_ptr + m.to(tl.int64) * R + rr, out, mask=rr < R)
+
+
+@triton.jit
+def _bgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, N, R,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Grid (M, cdiv(N, BLOCK_N)). y[m, rn] += sum_j xa[m, j] B_s[rn, j] for j < rank; B_s is [N, R]
+    # row-major, so the tile's rows are contiguous runs of R elements (the whole tile is one run).
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slot_ptr + m)
+    valid = slot >= 0
+    s = tl.maximum(slot, 0).to(tl.int64)
+    rank = tl.where(valid, tl.load(rank_ptr + s), 0)  # s is clamped: always a real slot
+    n_ok = rn < N
+    b_rows = b_ptr + s * N * R + rn.to(tl.int64)[:, None] * R
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j0 in range(0, R, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)
+        j_ok = j < rank
+        xav = tl.load(xa_ptr + m.to(tl.int64) * R + j, mask=j_ok, other=0.0)
+        bt = tl.load(b_rows + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(bt * xav[None, :], axis=1)
+    y = y_ptr + m.to(tl.int64) * N + rn
+    ok = n_ok & ((rn * 0 + slot) >= 0)  # (a vector mask: scalar & vector masks trip the interpreter)
+    yv = tl.load(y, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y, (yv + acc).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _check_slots_args(lora: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor,
+                      m: int) -> None:
+    check_arg("scales", scales, (torch.float32,))
+    check_arg("ranks", ranks, (torch.int32,))
+    check_arg("slots", slots, (torch.int32,))
+    n_slots = lora.shape[0]
+    if scales.shape != (n_slots,) or ranks.shape != (n_slots,):
+        raise ValueError(f"scales and ranks must have shape [{n_slots}] (one per slot), got "
+                         f"{tuple(scales.shape)} and {tuple(ranks.shape)}")
+    if slots.shape != (m,):
+        raise ValueError(f"slots must have shape [{m}] (one slot index per row), got {tuple(slots.shape)}")
+
+
+def bgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                slots: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``xa[m] = scales[s] * x[m] A_s[:ranks[s]]ᵀ`` with ``s = slots[m]`` (zero row for s = -1).
+
+    x: [M, K] contiguous, lora_A: [S, R, K] contiguous in x.dtype, scales float32 [S], ranks int32 [S]
+    (each <= R), slots int32 [M] in [-1, S) (not range-checked here: the caller's job, see
+    ``ops/multi_lora.py``). Returns float32 [M, R].
+    """
+    check_arg("x", x, FLOAT_DTYPES)
+    check_arg("lora_A", lora_A, (x.dtype,))
+    if x.dim() != 2 or lora_A.dim() != 3 or lora_A.shape[2] != x.shape[1]:
+        raise ValueError(f"x must be [M, K] and lora_A [S, R, K]; got {tuple(x.shape)} and {tuple(lora_A.shape)}")
+    m, k = x.shape
+    r = lora_A.shape[1]
+    _check_slots_args(lora_A, scales, ranks, slots, m)
+    check_device(_bgmv_shrink_kernel, x=x, lora_A=lora_A, scales=scales, ranks=ranks, slots=slots, out=out)
+    if out is None:
+        out = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (m, r) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{m}, {r}] tensor, got {out.dtype} {tuple(out.shape)}")
+    if m == 0 or r == 0:
+        return out
+    _bgmv_shrink_kernel[(m, triton.cdiv(r, BLOCK_R))](x, lora_A, scales, ranks, slots, out, k, r,
+                                                      BLOCK_R=BLOCK_R, BLOCK_K=SHRINK_BLOCK_K, num_warps=NUM_WARPS,
+                                                      num_stages=1)
+    return out
+
+
+def bgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+    """``y[m] += xa[m, :r] B_s[:, :r]ᵀ`` in place with ``s = slots[m]``, ``r = ranks[s]`` (rows with s = -1 untouched).
+
+    y: [M, N] contiguous fp32/fp16/bf16, xa: float32 [M, R] (from :func:`bgmv_shrink`), lora_B: [S, N, R]
+    contiguous in y.dtype, ranks int32 [S], slots int32 [M]. Returns y.
+    """
+    check_arg("y", y, FLOAT_DTYPES)
+    check_arg("xa", xa, (torch.float32,))
+    check_arg("lora_B", lora_B, (y.dtype,))
+    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != 2 \
+            or xa.shape != (y.shape[0], lora_B.shape[2]):
+        raise ValueError(f"y must be [M, N], xa [M, R] and lora_B [S, N, R]; got {tuple(y.shape)}, "
+                         f"{tuple(xa.shape)} and {tuple(lora_B.shape)}")
+    m, n = y.shape
+    r = lora_B.shape[2]
+    if ranks.shape != (lora_B.shape[0],):
+        raise ValueError(f"ranks must have shape [{lora_B.shape[0]}], got {tuple(ranks.shape)}")
+    check_arg("ranks", ranks, (torch.int32,))
+    check_arg("slots", slots, (torch.int32,))
+    if slots.shape != (m,):
+        raise ValueError(f"slots must have shape [{m}], got {tuple(slots.shape)}")
+    check_device(_bgmv_expand_kernel, y=y, xa=xa, lora_B=lora_B, ranks=ranks, slots=slots)
+    if m == 0 or n == 0 or r == 0:
+        return y
+    _bgmv_expand_kernel[(m, triton.cdiv(n, EXPAND_BLOCK_N))](y, xa, lora_B, ranks, slots, n, r,
+                                                             BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=BLOCK_R,
+                                                             num_warps=NUM_WARPS, num_stages=1)
+    return y
+
+
+# ----------------------------------------------------------------------------- AOT variants
+def _aot_variants() -> list[AotVariant]:
+    out = []
+    for dtype in FLOAT_DTYPES:
+        t = TL_PTR[dtype]
+        out.append(AotVariant(
+            name=f"bgmv_shrink-{t[1:]}", kernel=_bgmv_shrink_kernel,
+            signature={"x_ptr": t, "a_ptr": t, "scale_ptr": "*fp32", "rank_ptr": "*i32", "slot_ptr": "*i32",
+                       "xa_ptr": "*fp32", "K": "i32", "R": "i32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+            constexprs={"BLOCK_R": BLOCK_R, "BLOCK_K": SHRINK_BLOCK_K}, num_warps=NUM_WARPS, num_stages=1,
+            divisible_by_16=("x_ptr", "a_ptr", "scale_ptr", "rank_ptr", "slot_ptr", "xa_ptr", "K", "R"),
+            meta={"config": "bgmv_shrink", "dtype": t[1:]}))
+        out.append(AotVariant(
+            name=f"bgmv_expand-{t[1:]}", kernel=_bgmv_expand_kernel,
+            signature={"y_ptr": t, "xa_ptr": "*fp32", "b_ptr": t, "rank_ptr": "*i32", "slot_ptr": "*i32",
+                       "N": "i32", "R": "i32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
+            constexprs={"BLOCK_N": EXPAND_BLOCK_N, "BLOCK_R": BLOCK_R}, num_warps=NUM_WARPS, num_stages=1,
+            divisible_by_16=("y_ptr", "xa_ptr", "b_ptr", "rank_ptr", "slot_ptr", "N", "R"),
+            meta={"config": "bgmv_expand", "dtype": t[1:]}))
+    return out
+
+
+#: Every compiled form the launchers request: (shrink, expand) x dtype; no dots (memory-bound GEMVs).
+AOT_VARIANTS = _aot_variants()
