@@ -108,8 +108,8 @@ def _cpu_forward(base, x: Tensor, bias: Optional[Tensor], lora_A, lora_B, scales
             continue  # an empty slot, or an adapter that does not cover this layer: the base alone
         a, b = lora_A[s, :r], lora_B[s, :, :r]  # views with the layouts of LoraLinear's [r, K] and [N, r]
         xa_s = (x @ a.to(dt).t()) * scs[s]
-        ya = y.clone().addmm_(xa_s, b.to(dt).t())
-        out[rows] = ya[rows]
+        # Out-of-place addmm (beta = 1): the same GEMM as the single-adapter path's in-place addmm_.
+        out[rows] = torch.addmm(y, xa_s, b.to(dt).t())[rows]
     return out
 
 
