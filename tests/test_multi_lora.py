@@ -16,7 +16,6 @@ from peft_kernels.nn import Linear4bit, LoraLinear
 from peft_kernels.nn.multi_lora import MultiLoraLinear
 from peft_kernels.ops import multi_lora as O
 from peft_kernels.ops.backend import ENV_VAR
-from peft_kernels.quant import quantize_4bit
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = pytest.mark.skipif(DEVICE == "cpu" and not is_interpreted(K._bgmv_shrink_kernel),
