@@ -2,7 +2,7 @@
 
 Run (times every row, ~30 s on 2 cores):
 
-    PYTHONPATH=.:tests .venv/bin/python -m pytest bench/test_bench_multi_lora_cpu.py --benchmark-only
+    PYTHONPATH=. .venv/bin/python -m pytest bench/test_bench_multi_lora_cpu.py --benchmark-only
 
 A small Llama (hidden 256, 2 layers, vocabulary 128, built from a config: no download) with D distinct LoRA
 adapters (r = 16 on every linear layer but the head), one forward over a batch in which sequence i uses
