@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 from _tiny_models import build, sample_ids
+from _tolerance import assert_close_to_reference
 
 from peft_kernels.io import load_adapter, save_adapter
 from peft_kernels.methods import lora
@@ -195,3 +196,29 @@ def test_hot_swap_under_compile_does_not_recompile(setup, pool_model):
     assert (len(graphs), counters["stats"]["unique_graphs"]) == after_first
     assert not torch.equal(outs[0][0], outs[4][0])  # the adapters did change the output
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+def test_same_semantics_as_peft_adapter_names(setup):
+    """PEFT 0.21's own mixed batch (``PeftModel(..., adapter_names=)``, "__base__" = no adapter) over the dense
+    model holding dequant(W4) in float64 is the reference for our pool over the 4-bit model (fp32 bound)."""
+    peft = pytest.importorskip("peft")
+    base, dirs = setup
+    dense = build("llama")  # same architecture; its weights become dequant(W4) of the 4-bit base
+    for name, mod in base.named_modules():
+        if type(mod).__name__ == "Linear4bit":
+            dense.get_submodule(name).weight.copy_(mod.dequantize(torch.float32))
+    pm = peft.PeftModel.from_pretrained(dense, str(dirs["r4"]), adapter_name="r4")
+    for n in ("r8", "r16"):
+        pm.load_adapter(str(dirs[n]), adapter_name=n)
+    pm = pm.double().eval()
+    names = ["r16", "__base__", "r4", "r8"]
+    ids = sample_ids(batch=4, seq=6)
+    want = pm(input_ids=ids, adapter_names=names).logits
+    model = copy.deepcopy(base)
+    pool = AdapterPool(model, slots=4, max_rank=16)
+    for n in ADAPTERS:
+        pool.load(n, dirs[n])
+    got = model(ids, adapter_names=names).logits
+    for b, n in enumerate(names):
+        assert_close_to_reference(got[b], want[b], torch.float32, f"sequence {b} ({n})")

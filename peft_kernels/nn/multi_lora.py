@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from ..ops.multi_lora import check_slots, multi_lora_4bit_op, multi_lora_dense_op
-from ._base import INPUT_DTYPES, WrapsBase, base_kind, base_shape, check_input, quant_args
+from ._base import INPUT_DTYPES, WrapsBase, base_kind, base_shape, check_input, quant_args, storage_dtype
 
 
 class MultiLoraLinear(WrapsBase, nn.Module):
     """A frozen ``nn.Linear`` / transformers ``Conv1D`` / ``Linear4bit`` with ``slots`` adapter slots of rank
-    ``max_rank`` in ``dtype`` (default: the base's compute dtype, else float32). Input x [..., K] in
+    ``max_rank`` in ``dtype`` (default: the base's compute dtype, else the dtype its weight is stored in or
+    was quantized from — the dtype the model runs in). Input x [..., K] in
     fp32/fp16/bf16/fp64; output [..., N] in x's dtype (the compute dtype over a dense base, like LoraLinear)."""
 
     def __init__(self, base_layer: nn.Module, slots: int, max_rank: int, dtype: Optional[torch.dtype] = None):
@@ -38,8 +39,8 @@ class MultiLoraLinear(WrapsBase, nn.Module):
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.out_features, self.in_features = base_shape(base_layer)
-        if dtype is None:
-            dtype = getattr(base_layer, "compute_dtype", None) or torch.float32
+        if dtype is None:  # the dtype the model runs in: the kernels take the slots in the compute dtype
+            dtype = getattr(base_layer, "compute_dtype", None) or storage_dtype(base_layer)
         if dtype not in INPUT_DTYPES:
             raise TypeError(f"slot dtype must be a float dtype, got {dtype}")
         dev = base_layer.weight.device

@@ -62,8 +62,9 @@ class AdapterPool:
             LoraLinear layers (load adapters into the pool instead).
         slots: adapters resident at once (N). max_rank: the slot size R; adapters of lower rank are padded.
         target_modules: which layers get slots (PEFT's matching; default every linear layer but the head).
-        dtype: slot dtype (default: each base's compute dtype, else float32). Use the dtype the model runs in:
-            the GPU kernels take the slots in the compute dtype (another dtype is cast on every call).
+        dtype: slot dtype (default: each base's compute dtype, else the dtype its weight is stored in or was
+            quantized from). Use the dtype the model runs in: the GPU kernels take the slots in the compute
+            dtype (another dtype is cast on every call).
     """
 
     def __init__(self, model: nn.Module, slots: int, max_rank: int, *,
