@@ -78,6 +78,35 @@ def test_shrink_expand_kernels(m, n, k, r_max, dtype):
     assert torch.equal(y[untouched], y0[untouched])  # no adapter / empty slot: the base output bit for bit
 
 
+@triton_ok
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seg,t,n,k,r_max", [(5, 17, 70, 65, 16), (2, 40, 33, 130, 24)])
+def test_sgmv_kernels(seg, t, n, k, r_max, dtype):
+    """Segments of t rows sharing a slot (prefill): ragged against the 32/64-row tiles, all slots and -1."""
+    a, b, scales, ranks = _slots(n, k, r_max, dtype)
+    m = seg * t
+    x = torch.randn(m, k, generator=_gen(9)).to(DEVICE, dtype)
+    seg_slots = _row_slots(seg)
+    rows = seg_slots.repeat_interleave(t)
+    xa = torch.full((m, r_max), float("nan"), device=DEVICE)
+    K.sgmv_shrink(x, a, scales, ranks, seg_slots, t, out=xa)
+    ref_xa = torch.zeros(m, r_max, dtype=torch.float64)
+    for i, s in enumerate(rows.tolist()):
+        if s >= 0:
+            ref_xa[i] = float(scales[s]) * (x[i].double().cpu() @ a[s].double().cpu().t())
+    assert_close_to_reference(xa.cpu(), ref_xa, dtype, "xa")
+    y0 = torch.randn(m, n, generator=_gen(10)).to(DEVICE, dtype)
+    y = K.sgmv_expand_(y0.clone(), xa, b, ranks, seg_slots, t)
+    ref = y0.double().cpu().clone()
+    for i, s in enumerate(rows.tolist()):
+        if s >= 0:
+            ref[i] += ref_xa[i] @ b[s].double().cpu().t()
+    assert_close_to_reference(y.cpu(), ref, dtype, "y")
+    assert torch.equal(y[rows < 0], y0[rows < 0])
+    with pytest.raises(ValueError, match="must cover the"):
+        K.sgmv_shrink(x, a, scales, ranks, seg_slots, t + 1)
+
+
 def _quant_base(n, k, dtype, bias=True, blocksize=32):
     dense = torch.nn.Linear(k, n, bias=bias)
     torch.nn.init.normal_(dense.weight, generator=_gen(5))
@@ -115,21 +144,22 @@ def test_layer_4bit_vs_reference(monkeypatch, backend, m, n, k, r_max, dtype):
 
 
 @triton_ok
-def test_layer_dense_triton_and_per_sequence_index(monkeypatch):
+@pytest.mark.parametrize("t", [4, 20])  # per-sequence slots: BGMV (short segments) and SGMV (>= 16 rows)
+def test_layer_dense_triton_and_per_sequence_index(monkeypatch, t):
     monkeypatch.setenv(ENV_VAR, "triton")
     base = torch.nn.Linear(65, 33).to(DEVICE)
     layer = MultiLoraLinear(base, slots=len(RANKS), max_rank=16)
     _fill(layer, torch.float32)
-    x = torch.randn(3, 4, 65, generator=_gen(7)).to(DEVICE)
+    x = torch.randn(3, t, 65, generator=_gen(7)).to(DEVICE)
     per_seq = torch.tensor([2, -1, 0], dtype=torch.int32, device=DEVICE)
     layer.slot_index = per_seq
     with torch.no_grad():
         y = layer(x)
-    rows = per_seq.repeat_interleave(4)
-    ref = O.multi_lora_reference(x.reshape(12, 65).double().cpu(), base.weight.double().cpu(),
+    rows = per_seq.repeat_interleave(t)
+    ref = O.multi_lora_reference(x.reshape(3 * t, 65).double().cpu(), base.weight.double().cpu(),
                                  base.bias.double().cpu(), layer.lora_A.double().cpu(), layer.lora_B.double().cpu(),
                                  layer.scaling.cpu(), layer.ranks.cpu(), rows.cpu())
-    assert_close_to_reference(y.reshape(12, 33).cpu(), ref, torch.float32)
+    assert_close_to_reference(y.reshape(3 * t, 33).cpu(), ref, torch.float32)
 
 
 # ------------------------------------------------------------------ CPU path: bit equality with single adapters

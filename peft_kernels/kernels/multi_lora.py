@@ -14,6 +14,13 @@ The adapters live in stacked, rank-padded slot tensors (one set per layer, see `
   adapter are not touched): the low-rank term added to a base output ``y`` [M, N] (x W^T + b, already
   computed by matmul4bit's kernels over the NF4 weight, or by cuBLAS over a dense one).
 
+For prefill, where the rows come in segments of ``T`` consecutive rows sharing one adapter (the tokens
+of one sequence), the SGMV kernels (segmented gather matmul) take one slot per segment and run
+``tl.dot`` tiles over the segment's rows instead (the shrink on tensor cores for 16-bit x):
+
+* ``sgmv_shrink(x, lora_A, scales, ranks, seg_slots, seg_rows)`` / ``sgmv_expand_(y, xa, lora_B, ranks,
+  seg_slots, seg_rows)``: as above with ``slots[m] = seg_slots[m // seg_rows]``.
+
 "BGMV" (batched gather matrix-vector, as in Punica / S-LoRA): one program per (row, block of the output
 dimension) gathers its row's adapter by the slot index, so a batch of 64 rows over 64 distinct adapters
 costs one launch per stage and reads each adapter once. Both stages are memory-bound (r << K, N): the
@@ -99,15 +106,19 @@ def _bgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, N, R,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _check_slots_args(lora: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor,
-                      m: int) -> None:
+def _check_slot_meta(lora: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor) -> None:
     check_arg("scales", scales, (torch.float32,))
     check_arg("ranks", ranks, (torch.int32,))
-    check_arg("slots", slots, (torch.int32,))
     n_slots = lora.shape[0]
     if scales.shape != (n_slots,) or ranks.shape != (n_slots,):
         raise ValueError(f"scales and ranks must have shape [{n_slots}] (one per slot), got "
                          f"{tuple(scales.shape)} and {tuple(ranks.shape)}")
+
+
+def _check_slots_args(lora: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor, slots: torch.Tensor,
+                      m: int) -> None:
+    _check_slot_meta(lora, scales, ranks)
+    check_arg("slots", slots, (torch.int32,))
     if slots.shape != (m,):
         raise ValueError(f"slots must have shape [{m}] (one slot index per row), got {tuple(slots.shape)}")
 
@@ -171,6 +182,133 @@ def bgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks:
     return y
 
 
+# ----------------------------------------------------------------------------- SGMV (segments)
+#: SGMV tiles: rows of a segment per program (shrink: 32, so a 2048-row prefill has 64 programs per
+#: rank chunk; expand: 64 x 64 output tiles). Estimates, to be tuned on a GPU (bench/gpu_suite.py n).
+SGMV_SHRINK_BLOCK_M, SGMV_SHRINK_BLOCK_K = 32, 128
+SGMV_EXPAND_BLOCK_M, SGMV_EXPAND_BLOCK_N = 64, 64
+#: Segments at least this long take the SGMV kernels (shorter: the per-row BGMV kernels).
+SGMV_MIN_ROWS = 16
+
+
+@triton.jit
+def _sgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, T, K, R,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Grid (segments, cdiv(T, BLOCK_M), cdiv(R, BLOCK_R)): segment g is rows [g*T, (g+1)*T), one slot.
+    g = tl.program_id(0)
+    tm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    slot = tl.load(slot_ptr + g)
+    valid = slot >= 0
+    s = tl.maximum(slot, 0).to(tl.int64)
+    rank = tl.where(valid, tl.load(rank_ptr + s), 0)
+    rows = g.to(tl.int64) * T + tm
+    m_ok = tm < T
+    r_ok = rr < rank
+    a_rows = a_ptr + s * R * K + rr.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        xt = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(xt, tl.trans(at), acc, input_precision="ieee")
+    scale = tl.where(valid, tl.load(scale_ptr + s), 0.0)
+    tl.store(xa_ptr + rows[:, None] * R + rr[None, :], acc * scale, mask=m_ok[:, None] & (rr[None, :] < R))
+
+
+@triton.jit
+def _sgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, T, N, R,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Grid (segments, cdiv(T, BLOCK_M), cdiv(N, BLOCK_N)). xa stays float32 (B is widened to it): an IEEE
+    # fp32 dot of depth r, r/K of the base GEMM's work.
+    g = tl.program_id(0)
+    tm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(slot_ptr + g)
+    valid = slot >= 0
+    s = tl.maximum(slot, 0).to(tl.int64)
+    rank = tl.where(valid, tl.load(rank_ptr + s), 0)
+    rows = g.to(tl.int64) * T + tm
+    m_ok = tm < T
+    n_ok = rn < N
+    b_rows = b_ptr + s * N * R + rn.to(tl.int64)[:, None] * R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, R, BLOCK_R):
+        j = j0 + tl.arange(0, BLOCK_R)
+        j_ok = j < rank
+        xat = tl.load(xa_ptr + rows[:, None] * R + j[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        bt = tl.load(b_rows + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(xat, tl.trans(bt), acc, input_precision="ieee")
+    ok = m_ok[:, None] & n_ok[None, :] & ((tm * 0 + slot) >= 0)[:, None]
+    y = y_ptr + rows[:, None] * N + rn[None, :]
+    yv = tl.load(y, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y, (yv + acc).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _segments(m: int, seg_slots: torch.Tensor, seg_rows: int) -> int:
+    if isinstance(seg_rows, bool) or not isinstance(seg_rows, int) or seg_rows <= 0:
+        raise ValueError(f"seg_rows must be a positive integer, got {seg_rows!r}")
+    check_arg("seg_slots", seg_slots, (torch.int32,))
+    if seg_slots.dim() != 1 or seg_slots.shape[0] * seg_rows != m:
+        raise ValueError(f"seg_slots [G] with seg_rows={seg_rows} must cover the {m} rows (G * seg_rows == M), "
+                         f"got shape {tuple(seg_slots.shape)}")
+    return seg_slots.shape[0]
+
+
+def sgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
+                seg_slots: torch.Tensor, seg_rows: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`bgmv_shrink` for rows in segments: row m uses slot ``seg_slots[m // seg_rows]`` (-1: none).
+
+    x [M, K] with M = G * seg_rows; seg_slots int32 [G]. Returns float32 xa [M, R]."""
+    check_arg("x", x, FLOAT_DTYPES)
+    check_arg("lora_A", lora_A, (x.dtype,))
+    if x.dim() != 2 or lora_A.dim() != 3 or lora_A.shape[2] != x.shape[1]:
+        raise ValueError(f"x must be [M, K] and lora_A [S, R, K]; got {tuple(x.shape)} and {tuple(lora_A.shape)}")
+    m, k = x.shape
+    r = lora_A.shape[1]
+    n_seg = _segments(m, seg_slots, seg_rows)
+    _check_slot_meta(lora_A, scales, ranks)
+    check_device(_sgmv_shrink_kernel, x=x, lora_A=lora_A, scales=scales, ranks=ranks, seg_slots=seg_slots, out=out)
+    if out is None:
+        out = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    elif out.dtype != torch.float32 or tuple(out.shape) != (m, r) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{m}, {r}] tensor, got {out.dtype} {tuple(out.shape)}")
+    if m == 0 or r == 0:
+        return out
+    grid = (n_seg, triton.cdiv(seg_rows, SGMV_SHRINK_BLOCK_M), triton.cdiv(r, BLOCK_R))
+    _sgmv_shrink_kernel[grid](x, lora_A, scales, ranks, seg_slots, out, seg_rows, k, r,
+                              BLOCK_M=SGMV_SHRINK_BLOCK_M, BLOCK_K=SGMV_SHRINK_BLOCK_K, BLOCK_R=BLOCK_R,
+                              num_warps=NUM_WARPS, num_stages=1)
+    return out
+
+
+def sgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+                 seg_slots: torch.Tensor, seg_rows: int) -> torch.Tensor:
+    """:func:`bgmv_expand_` for rows in segments (see :func:`sgmv_shrink`); in place, returns y."""
+    check_arg("y", y, FLOAT_DTYPES)
+    check_arg("xa", xa, (torch.float32,))
+    check_arg("lora_B", lora_B, (y.dtype,))
+    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != 2 \
+            or xa.shape != (y.shape[0], lora_B.shape[2]):
+        raise ValueError(f"y must be [M, N], xa [M, R] and lora_B [S, N, R]; got {tuple(y.shape)}, "
+                         f"{tuple(xa.shape)} and {tuple(lora_B.shape)}")
+    m, n = y.shape
+    r = lora_B.shape[2]
+    if ranks.shape != (lora_B.shape[0],):
+        raise ValueError(f"ranks must have shape [{lora_B.shape[0]}], got {tuple(ranks.shape)}")
+    check_arg("ranks", ranks, (torch.int32,))
+    n_seg = _segments(m, seg_slots, seg_rows)
+    check_device(_sgmv_expand_kernel, y=y, xa=xa, lora_B=lora_B, ranks=ranks, seg_slots=seg_slots)
+    if m == 0 or n == 0 or r == 0:
+        return y
+    grid = (n_seg, triton.cdiv(seg_rows, SGMV_EXPAND_BLOCK_M), triton.cdiv(n, SGMV_EXPAND_BLOCK_N))
+    _sgmv_expand_kernel[grid](y, xa, lora_B, ranks, seg_slots, seg_rows, n, r,
+                              BLOCK_M=SGMV_EXPAND_BLOCK_M, BLOCK_N=SGMV_EXPAND_BLOCK_N, BLOCK_R=BLOCK_R,
+                              num_warps=NUM_WARPS, num_stages=1)
+    return y
+
+
 # ----------------------------------------------------------------------------- AOT variants
 def _aot_variants() -> list[AotVariant]:
     out = []
@@ -190,8 +328,27 @@ def _aot_variants() -> list[AotVariant]:
             constexprs={"BLOCK_N": EXPAND_BLOCK_N, "BLOCK_R": BLOCK_R}, num_warps=NUM_WARPS, num_stages=1,
             divisible_by_16=("y_ptr", "xa_ptr", "b_ptr", "rank_ptr", "slot_ptr", "N", "R"),
             meta={"config": "bgmv_expand", "dtype": t[1:]}))
+        out.append(AotVariant(
+            name=f"sgmv_shrink-{t[1:]}", kernel=_sgmv_shrink_kernel,
+            signature={"x_ptr": t, "a_ptr": t, "scale_ptr": "*fp32", "rank_ptr": "*i32", "slot_ptr": "*i32",
+                       "xa_ptr": "*fp32", "T": "i32", "K": "i32", "R": "i32", "BLOCK_M": "constexpr",
+                       "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
+            constexprs={"BLOCK_M": SGMV_SHRINK_BLOCK_M, "BLOCK_K": SGMV_SHRINK_BLOCK_K, "BLOCK_R": BLOCK_R},
+            num_warps=NUM_WARPS, num_stages=1, expect_mma=dtype != torch.float32,
+            divisible_by_16=("x_ptr", "a_ptr", "scale_ptr", "rank_ptr", "slot_ptr", "xa_ptr", "K", "R"),
+            meta={"config": "sgmv_shrink", "dtype": t[1:]}))
+        out.append(AotVariant(
+            name=f"sgmv_expand-{t[1:]}", kernel=_sgmv_expand_kernel,
+            signature={"y_ptr": t, "xa_ptr": "*fp32", "b_ptr": t, "rank_ptr": "*i32", "slot_ptr": "*i32",
+                       "T": "i32", "N": "i32", "R": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                       "BLOCK_R": "constexpr"},
+            constexprs={"BLOCK_M": SGMV_EXPAND_BLOCK_M, "BLOCK_N": SGMV_EXPAND_BLOCK_N, "BLOCK_R": BLOCK_R},
+            num_warps=NUM_WARPS, num_stages=1,
+            divisible_by_16=("y_ptr", "xa_ptr", "b_ptr", "rank_ptr", "slot_ptr", "N", "R"),
+            meta={"config": "sgmv_expand", "dtype": t[1:]}))
     return out
 
 
-#: Every compiled form the launchers request: (shrink, expand) x dtype; no dots (memory-bound GEMVs).
+#: Every compiled form the launchers request: (BGMV, SGMV) x (shrink, expand) x dtype. BGMV has no dots
+#: (memory-bound GEMVs); SGMV's shrink uses tensor cores for 16-bit x, its expand an fp32 dot.
 AOT_VARIANTS = _aot_variants()

@@ -78,14 +78,15 @@ class MultiLoraLinear(WrapsBase, nn.Module):
         self.ranks[slot] = r
 
     # ------------------------------------------------------------------ forward
-    def _rows(self, x: torch.Tensor, m: int) -> torch.Tensor:
+    def _segments(self, x: torch.Tensor, m: int) -> tuple[torch.Tensor, int]:
+        """(slot index, rows per slot): one slot per row, or per sequence (its tokens are consecutive rows)."""
         idx = self.slot_index
         if idx.dim() != 1:
             raise ValueError(f"slot_index must be 1-D (one slot per sequence or per row), got {tuple(idx.shape)}")
         if idx.shape[0] == m:
-            return idx
+            return idx, 1
         if x.dim() >= 2 and idx.shape[0] == x.shape[0]:
-            return idx.repeat_interleave(m // x.shape[0])  # one slot per sequence -> one per token
+            return idx, m // x.shape[0]
         raise ValueError(f"the batch names {idx.shape[0]} adapters but x has shape {tuple(x.shape)}: pass one "
                          f"adapter name per sequence (x.shape[0]) or per row")
 
@@ -103,17 +104,17 @@ class MultiLoraLinear(WrapsBase, nn.Module):
             x2 = x2.to(cdt)
         x2 = x2.contiguous()
         m = x2.shape[0]
-        rows = self._rows(x, m)
-        check_slots(self.lora_A, self.lora_B, self.scaling, self.ranks, rows, m, self.out_features,
-                    self.in_features)
+        idx, seg_rows = self._segments(x, m)
+        check_slots(self.lora_A, self.lora_B, self.scaling, self.ranks, idx, m, self.out_features,
+                    self.in_features, seg_rows)
         bias = self.base_layer.bias
         if self._kind == "4bit":
             y = multi_lora_4bit_op(x2, *quant_args(self.base_layer), self.out_features, bias, self.lora_A,
-                                   self.lora_B, self.scaling, self.ranks, rows)
+                                   self.lora_B, self.scaling, self.ranks, idx, seg_rows)
             y = y if y.dtype == in_dtype else y.to(in_dtype)
         else:
             y = multi_lora_dense_op(x2, self._dense_weight(), bias, self.lora_A, self.lora_B, self.scaling,
-                                    self.ranks, rows)
+                                    self.ranks, idx, seg_rows)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

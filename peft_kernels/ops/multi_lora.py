@@ -1,12 +1,13 @@
 """Mixed-adapter LoRA over a frozen dense or 4-bit base: each row of x picks its adapter from stacked slots.
 
     peft_kernels::multi_lora_4bit(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
-                                  out_features, bias, lora_A, lora_B, scales, ranks, slots) -> y
-    peft_kernels::multi_lora_dense(x, weight, bias, lora_A, lora_B, scales, ranks, slots) -> y
+                                  out_features, bias, lora_A, lora_B, scales, ranks, slots, seg_rows) -> y
+    peft_kernels::multi_lora_dense(x, weight, bias, lora_A, lora_B, scales, ranks, slots, seg_rows) -> y
 
 x [M, K]; W [N, K] (4-bit or dense); slot tensors as in ``kernels/multi_lora.py``: lora_A [S, R, K],
-lora_B [S, N, R] (zero-padded beyond each slot's rank), scales float32 [S], ranks int32 [S], slots int32 [M]
-(-1: the row gets the base alone). Row m computes, with s = slots[m] and r = ranks[s]::
+lora_B [S, N, R] (zero-padded beyond each slot's rank), scales float32 [S], ranks int32 [S], slots int32
+[M / seg_rows]: one slot per segment of ``seg_rows`` consecutive rows (1: one per row; T: one per sequence of
+x [B, T, K] flattened), -1: the base alone. Row m computes, with s = slots[m // seg_rows] and r = ranks[s]::
 
     y[m] = x[m] Wᵀ + b + scales[s] · (x[m] A_s[:r]ᵀ) B_s[:, :r]ᵀ          (the LoRA term absent for s = -1)
 
@@ -16,7 +17,8 @@ apply (eval), LoRA biases and DoRA are not served here.
 Backends:
 
 * Triton (CUDA tensors, or ``PEFT_KERNELS_BACKEND=triton`` with ``TRITON_INTERPRET=1``): the base product
-  by matmul4bit's kernels (or cuBLAS for a dense W), then the BGMV shrink and expand kernels.
+  by matmul4bit's kernels (or cuBLAS for a dense W), then the shrink and expand kernels: SGMV (``tl.dot``
+  tiles over a segment) when segments have >= ``SGMV_MIN_ROWS`` rows (prefill), else BGMV (per row).
 * CPU (and ``reference``): bit-identical, row by row, to the single-adapter path of ``ops/lora.py`` (what
   ``LoraLinear`` computes with that one adapter active, on the same batch) and to the base alone for
   rows without an adapter. CPU GEMM results depend on the number of rows in the call (oneDNN/MKL pick
@@ -59,8 +61,9 @@ def multi_lora_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora
 
 
 def check_slots(lora_A: Tensor, lora_B: Tensor, scales: Tensor, ranks: Tensor, slots: Tensor, m: int, n: int,
-                k: int) -> None:
-    """Shapes, dtypes and devices of the slot tensors for x [m, k] and W [n, k]; ValueError/TypeError naming the
+                k: int, seg_rows: int = 1) -> None:
+    """Shapes, dtypes and devices of the slot tensors for x [m, k], W [n, k] and one slot per ``seg_rows`` rows;
+    ValueError/TypeError naming the
     problem. Slot index values are checked only for CPU tensors (a device-side check would synchronise every
     layer of every decode step; the pool builds the indices from checked names)."""
     if lora_A.dim() != 3 or lora_B.dim() != 3:
@@ -76,13 +79,13 @@ def check_slots(lora_A: Tensor, lora_B: Tensor, scales: Tensor, ranks: Tensor, s
         raise ValueError(f"scales must be float32 [{s_}], got {scales.dtype} {tuple(scales.shape)}")
     if ranks.dtype != torch.int32 or tuple(ranks.shape) != (s_,):
         raise ValueError(f"ranks must be int32 [{s_}], got {ranks.dtype} {tuple(ranks.shape)}")
-    if slots.dtype != torch.int32 or tuple(slots.shape) != (m,):
-        raise ValueError(f"slots must be int32 [{m}] (one slot per row of x), got {slots.dtype} "
-                         f"{tuple(slots.shape)}")
+    if slots.dtype != torch.int32 or slots.dim() != 1 or slots.shape[0] * seg_rows != m:
+        raise ValueError(f"slots must be int32 [{m // max(seg_rows, 1)}] (one slot per {seg_rows} row(s) of the {m}), "
+                         f"got {slots.dtype} {tuple(slots.shape)}")
     devs = {t.device for t in (lora_A, lora_B, scales, ranks, slots)}
     if len(devs) != 1:
         raise ValueError(f"slot tensors must be on one device, got {sorted(map(str, devs))}")
-    if slots.device.type == "cpu" and not torch.compiler.is_compiling() and m:
+    if slots.device.type == "cpu" and not torch.compiler.is_compiling() and slots.numel():
         lo, hi = int(slots.min()), int(slots.max())
         if lo < -1 or hi >= s_:
             raise ValueError(f"slot indices must be in [-1, {s_}) (-1: no adapter), got values in [{lo}, {hi}]")
@@ -113,50 +116,58 @@ def _cpu_forward(base, x: Tensor, bias: Optional[Tensor], lora_A, lora_B, scales
     return out
 
 
-def _triton_forward(y: Tensor, x: Tensor, lora_A, lora_B, scales, ranks, slots) -> Tensor:
-    from ..kernels.multi_lora import bgmv_expand_, bgmv_shrink
+def _per_row(slots: Tensor, seg_rows: int) -> Tensor:
+    return slots if seg_rows == 1 else slots.repeat_interleave(seg_rows)
+
+
+def _triton_forward(y: Tensor, x: Tensor, lora_A, lora_B, scales, ranks, slots, seg_rows: int) -> Tensor:
+    from ..kernels import multi_lora as K
     dt = x.dtype
     # The kernels take the slots in the compute dtype; a pool allocated in another dtype pays a cast here.
-    a = lora_A if lora_A.dtype == dt else lora_A.to(dt)
-    b = lora_B if lora_B.dtype == dt else lora_B.to(dt)
-    xa = bgmv_shrink(x, a.contiguous(), scales, ranks, slots)
-    return bgmv_expand_(y, xa, b.contiguous(), ranks, slots)
+    a = (lora_A if lora_A.dtype == dt else lora_A.to(dt)).contiguous()
+    b = (lora_B if lora_B.dtype == dt else lora_B.to(dt)).contiguous()
+    if seg_rows >= K.SGMV_MIN_ROWS:
+        xa = K.sgmv_shrink(x, a, scales, ranks, slots, seg_rows)
+        return K.sgmv_expand_(y, xa, b, ranks, slots, seg_rows)
+    rows = _per_row(slots, seg_rows)
+    xa = K.bgmv_shrink(x, a, scales, ranks, rows)
+    return K.bgmv_expand_(y, xa, b, ranks, rows)
 
 
 @torch.library.custom_op("peft_kernels::multi_lora_4bit", mutates_args=())
 def multi_lora_4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, nested_absmax: Optional[Tensor],
                        nested_code: Optional[Tensor], nested_offset: float, blocksize: int, out_features: int,
                        bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scales: Tensor, ranks: Tensor,
-                       slots: Tensor) -> Tensor:
+                       slots: Tensor, seg_rows: int) -> Tensor:
     """y [M, N] in x.dtype (see the module doc); x [M, K] contiguous."""
     base = _QuantBase(packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features,
                       x.shape[1], x.device)
     if base.triton:
         bias_c = None if bias is None else bias.to(x.dtype)
         y = base.nt(x, None, None, bias_c)
-        return _triton_forward(y, x, lora_A, lora_B, scales, ranks, slots)
-    return _cpu_forward(base, x, bias, lora_A, lora_B, scales, ranks, slots)
+        return _triton_forward(y, x, lora_A, lora_B, scales, ranks, slots, seg_rows)
+    return _cpu_forward(base, x, bias, lora_A, lora_B, scales, ranks, _per_row(slots, seg_rows))
 
 
 @multi_lora_4bit_op.register_fake
 def _(x, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize, out_features, bias, lora_A,
-      lora_B, scales, ranks, slots):
+      lora_B, scales, ranks, slots, seg_rows):
     return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.custom_op("peft_kernels::multi_lora_dense", mutates_args=())
 def multi_lora_dense_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                        scales: Tensor, ranks: Tensor, slots: Tensor) -> Tensor:
+                        scales: Tensor, ranks: Tensor, slots: Tensor, seg_rows: int) -> Tensor:
     """y [M, N] in x.dtype over a dense W [N, K] (any strides)."""
     from . import backend
     base = _DenseBase(weight, x.dtype)
     if backend.select(x.device) == "triton":
         bias_c = None if bias is None else bias.to(x.dtype)
         y = base.nt(x, None, None, bias_c)
-        return _triton_forward(y.contiguous(), x, lora_A, lora_B, scales, ranks, slots)
-    return _cpu_forward(base, x, bias, lora_A, lora_B, scales, ranks, slots)
+        return _triton_forward(y.contiguous(), x, lora_A, lora_B, scales, ranks, slots, seg_rows)
+    return _cpu_forward(base, x, bias, lora_A, lora_B, scales, ranks, _per_row(slots, seg_rows))
 
 
 @multi_lora_dense_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scales, ranks, slots):
+def _(x, weight, bias, lora_A, lora_B, scales, ranks, slots, seg_rows):
     return x.new_empty((x.shape[0], weight.shape[0]))
