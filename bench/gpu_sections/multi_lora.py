@@ -11,6 +11,10 @@ decode step of 64 sequences), the suite dtype, forward only (serving):
 * ``peft_mixed``: PEFT 0.21 over ``bitsandbytes.nn.Linear4bit`` with the same 64 adapters (float32, PEFT's
   default) and ``adapter_names=`` (its mixed-batch path: one sub-batch matmul pair per adapter).
 
+A prefill table (``step="prefill"``): 8 sequences x 256 tokens (dry: 2 x 20), one distinct adapter per
+sequence, ``sgmv`` (the segment kernels, chosen automatically for >= 16 rows per sequence) vs ``bgmv_forced``
+(the per-row kernels on the same batch) vs ``single`` (all sequences on one adapter).
+
 Every row is checked first against a float32 reference (the dequantized W and each row's adapter,
 ``ops/multi_lora.multi_lora_reference``), then timed (L2 flushed). ``tok_per_s`` = M / time; the summary
 gives mixed64 vs single and vs lora_linear (throughput ratios) and peft_mixed / mixed64 (speed-up).
@@ -141,6 +145,7 @@ def run(b, cfg: dict, dry: bool) -> list[dict]:
             if row.get("status") == "ok":
                 row["tok_per_s"] = M / (row["ms"] / 1e3)
             rows.append(row)
+        rows += _prefill_rows(b, layer, q4, w32, dtype, dev, dry, g, base_info={"k": k, "n": n, "r": R})
         layer.slot_index = None
         del peft_model, lora, layer, q4
         if dev.type == "cuda":
@@ -148,14 +153,59 @@ def run(b, cfg: dict, dry: bool) -> list[dict]:
     return rows
 
 
+def _prefill_rows(b, layer, q4, w32, dtype, dev, dry, g, base_info) -> list[dict]:
+    from peft_kernels.kernels import multi_lora as K
+    from peft_kernels.ops import backend
+    from peft_kernels.ops.multi_lora import multi_lora_reference
+
+    n_seq, t = (2, 20) if dry else (8, 256)
+    x = torch.randn(n_seq, t, q4.in_features, generator=g).to(dev, dtype)
+    seqs = {"distinct": torch.arange(n_seq, dtype=torch.int32, device=dev),
+            "one": torch.zeros(n_seq, dtype=torch.int32, device=dev)}
+    want = {w: multi_lora_reference(x.reshape(n_seq * t, -1).float(), w32, None, layer.lora_A.float(),
+                                    layer.lora_B.float(), layer.scaling, layer.ranks, idx.repeat_interleave(t))
+            for w, idx in seqs.items()}
+
+    def fn_for(which, force_bgmv=False):
+        def fn():
+            layer.slot_index = seqs[which]
+            old = K.SGMV_MIN_ROWS
+            if force_bgmv:
+                K.SGMV_MIN_ROWS = 1 << 30
+            try:
+                with torch.no_grad():
+                    return layer(x).reshape(n_seq * t, -1)
+            finally:
+                K.SGMV_MIN_ROWS = old
+        return fn
+
+    out = []
+    for name, which, force in (("sgmv", "distinct", False), ("bgmv_forced", "distinct", True),
+                               ("single", "one", False)):
+        base = dict(base_info, impl=name, step="prefill", m=n_seq * t, seqs=n_seq,
+                    adapters=n_seq if which == "distinct" else 1, dtype=str(dtype).replace("torch.", ""),
+                    backend=backend.select(dev))
+
+        def check(y, which=which):
+            return {"rel_err_y": b.rel_err(y, want[which])}
+
+        row = b.row(base, fn_for(which, force), check, tol=b.tol[dtype], poison_specs=[((n_seq * t, q4.out_features), dtype)])
+        if row.get("status") == "ok":
+            row["tok_per_s"] = n_seq * t / (row["ms"] / 1e3)
+        out.append(row)
+    return out
+
+
 def _f(v, fmt):
     return "—" if v is None else format(v, fmt)
 
 
 def render(rows: list[dict]) -> list[str]:
-    lines = ["| K -> N | impl | adapters | backend | status | ms | tok/s | GB/s (floor) | single/mixed64 tput | "
+    lines = ["| K -> N | impl | adapters | backend | status | ms | tok/s | GB/s (floor) | mixed64 tput / single | "
              "peft/ours |", "|---|---|---|---|---|---|---|---|---|---|"]
     t = {(r.get("k"), r.get("n"), r["impl"]): r.get("ms") for r in rows if r.get("status") == "ok"}
+    prefill = [r for r in rows if r.get("step") == "prefill"]
+    rows = [r for r in rows if r.get("step") != "prefill"]
     for r in rows:
         key = (r.get("k"), r.get("n"))
         tput = peft = None
@@ -168,7 +218,13 @@ def render(rows: list[dict]) -> list[str]:
         lines.append(f"| {r.get('k', '')} -> {r.get('n', '')} | {r['impl']} | {r.get('adapters', '')} | "
                      f"{r.get('backend', '')} | {status} | {_f(r.get('ms'), '.4f')} | {_f(r.get('tok_per_s'), '.0f')} | "
                      f"{_f(r.get('gbps'), '.0f')} | {_f(tput, '.2f')} | {_f(peft, '.1f')} |")
+    lines += ["", "Prefill (one adapter per sequence):", "",
+              "| K -> N | impl | rows | adapters | status | ms | tok/s |", "|---|---|---|---|---|---|---|"]
+    for r in prefill:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('note', '')}"
+        lines.append(f"| {r.get('k', '')} -> {r.get('n', '')} | {r['impl']} | {r.get('m', '')} | {r.get('adapters', '')} "
+                     f"| {status} | {_f(r.get('ms'), '.4f')} | {_f(r.get('tok_per_s'), '.0f')} |")
     lines.append("")
-    lines.append("Targets (issue #6): mixed64 throughput >= 0.90 x single (the 'single/mixed64 tput' column is "
+    lines.append("Targets (issue #6): mixed64 throughput >= 0.90 x single (the 'mixed64 tput / single' column is "
                  "mixed64's share of single's throughput), and peft/ours >= 5.")
     return lines
