@@ -19,8 +19,9 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m,k,n", [(64, 4096, 4096), (1, 4096, 14336), (300, 1000, 513)])
-def test_layer_vs_reference_cuda(m, k, n, dtype):
+@pytest.mark.parametrize("m,k,n,seq", [(64, 4096, 4096, 0), (1, 4096, 14336, 0), (300, 1000, 513, 0),
+                                       (1200, 1024, 2051, 300)])  # seq > 0: one slot per sequence (SGMV)
+def test_layer_vs_reference_cuda(m, k, n, seq, dtype):
     g = torch.Generator().manual_seed(0)
     dense = torch.nn.Linear(k, n)
     q4 = Linear4bit.from_linear(dense, blocksize=64).cuda()
@@ -32,10 +33,12 @@ def test_layer_vs_reference_cuda(m, k, n, dtype):
         b = torch.randn(n, r, generator=g) / r ** 0.5
         layer.write_slot(s, a.cuda(), b.cuda(), 2.0)
     x = torch.randn(m, k, generator=g).to("cuda", dtype)
-    idx = torch.randint(-1, slots, (m,), generator=g, dtype=torch.int32).cuda()
+    idx = torch.randint(-1, slots, (m // seq if seq else m,), generator=g, dtype=torch.int32).cuda()
     layer.slot_index = idx
     with torch.no_grad():
-        y = layer(x)
+        y = layer(x.view(m // seq, seq, k) if seq else x).reshape(m, n)
+    if seq:
+        idx = idx.repeat_interleave(seq)
     ref = multi_lora_reference(x.double().cpu(), weight64(q4).cpu(), q4.bias.double().cpu(),
                                layer.lora_A.double().cpu(), layer.lora_B.double().cpu(), layer.scaling.cpu(),
                                layer.ranks.cpu(), idx.cpu())
