@@ -54,15 +54,23 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _slot(slot_ptr, i, rank_ptr):
+    """(slot index, clamped int64 slot, its rank) of row / segment i; rank 0 when the slot is -1 (no adapter),
+    so every load masked by the rank reads nothing."""
+    slot = tl.load(slot_ptr + i)
+    s = tl.maximum(slot, 0).to(tl.int64)  # always a real slot: loads through it stay in bounds
+    rank = tl.where(slot >= 0, tl.load(rank_ptr + s), 0)
+    return slot, s, rank
+
+
+@triton.jit
 def _bgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, K, R,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     # Grid (M, cdiv(R, BLOCK_R)). A row without an adapter (slot < 0) masks every load: it writes zeros.
     m = tl.program_id(0)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    slot = tl.load(slot_ptr + m)
+    slot, s, rank = _slot(slot_ptr, m, rank_ptr)
     valid = slot >= 0
-    s = tl.maximum(slot, 0).to(tl.int64)
-    rank = tl.where(valid, tl.load(rank_ptr + s), 0)  # s is clamped: always a real slot
     r_ok = rr < rank
     a_rows = a_ptr + s * R * K + rr.to(tl.int64)[:, None] * K
     x_row = x_ptr + m.to(tl.int64) * K
@@ -86,10 +94,7 @@ def _bgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, N, R,
     # row-major, so the tile's rows are contiguous runs of R elements (the whole tile is one run).
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(slot_ptr + m)
-    valid = slot >= 0
-    s = tl.maximum(slot, 0).to(tl.int64)
-    rank = tl.where(valid, tl.load(rank_ptr + s), 0)  # s is clamped: always a real slot
+    slot, s, rank = _slot(slot_ptr, m, rank_ptr)
     n_ok = rn < N
     b_rows = b_ptr + s * N * R + rn.to(tl.int64)[:, None] * R
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -123,6 +128,34 @@ def _check_slots_args(lora: torch.Tensor, scales: torch.Tensor, ranks: torch.Ten
         raise ValueError(f"slots must have shape [{m}] (one slot index per row), got {tuple(slots.shape)}")
 
 
+def _check_shrink(x: torch.Tensor, lora_A: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] and lora_A [S, R, K] in one dtype; returns the float32 [M, R] output (``out`` or a new one)."""
+    check_arg("x", x, FLOAT_DTYPES)
+    check_arg("lora_A", lora_A, (x.dtype,))
+    if x.dim() != 2 or lora_A.dim() != 3 or lora_A.shape[2] != x.shape[1]:
+        raise ValueError(f"x must be [M, K] and lora_A [S, R, K]; got {tuple(x.shape)} and {tuple(lora_A.shape)}")
+    m, r = x.shape[0], lora_A.shape[1]
+    if out is None:
+        return torch.empty((m, r), dtype=torch.float32, device=x.device)
+    if out.dtype != torch.float32 or tuple(out.shape) != (m, r) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 [{m}, {r}] tensor, got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _check_expand(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor) -> None:
+    """y [M, N] and lora_B [S, N, R] in one dtype, xa float32 [M, R], ranks int32 [S]."""
+    check_arg("y", y, FLOAT_DTYPES)
+    check_arg("xa", xa, (torch.float32,))
+    check_arg("lora_B", lora_B, (y.dtype,))
+    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != 2 \
+            or xa.shape != (y.shape[0], lora_B.shape[2]):
+        raise ValueError(f"y must be [M, N], xa [M, R] and lora_B [S, N, R]; got {tuple(y.shape)}, "
+                         f"{tuple(xa.shape)} and {tuple(lora_B.shape)}")
+    check_arg("ranks", ranks, (torch.int32,))
+    if ranks.shape != (lora_B.shape[0],):
+        raise ValueError(f"ranks must have shape [{lora_B.shape[0]}], got {tuple(ranks.shape)}")
+
+
 def bgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
                 slots: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``xa[m] = scales[s] * x[m] A_s[:ranks[s]]ᵀ`` with ``s = slots[m]`` (zero row for s = -1).
@@ -131,18 +164,11 @@ def bgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ran
     (each <= R), slots int32 [M] in [-1, S) (not range-checked here: the caller's job, see
     ``ops/multi_lora.py``). Returns float32 [M, R].
     """
-    check_arg("x", x, FLOAT_DTYPES)
-    check_arg("lora_A", lora_A, (x.dtype,))
-    if x.dim() != 2 or lora_A.dim() != 3 or lora_A.shape[2] != x.shape[1]:
-        raise ValueError(f"x must be [M, K] and lora_A [S, R, K]; got {tuple(x.shape)} and {tuple(lora_A.shape)}")
+    out = _check_shrink(x, lora_A, out)
     m, k = x.shape
     r = lora_A.shape[1]
     _check_slots_args(lora_A, scales, ranks, slots, m)
     check_device(_bgmv_shrink_kernel, x=x, lora_A=lora_A, scales=scales, ranks=ranks, slots=slots, out=out)
-    if out is None:
-        out = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (m, r) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 [{m}, {r}] tensor, got {out.dtype} {tuple(out.shape)}")
     if m == 0 or r == 0:
         return out
     _bgmv_shrink_kernel[(m, triton.cdiv(r, BLOCK_R))](x, lora_A, scales, ranks, slots, out, k, r,
@@ -158,18 +184,9 @@ def bgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks:
     y: [M, N] contiguous fp32/fp16/bf16, xa: float32 [M, R] (from :func:`bgmv_shrink`), lora_B: [S, N, R]
     contiguous in y.dtype, ranks int32 [S], slots int32 [M]. Returns y.
     """
-    check_arg("y", y, FLOAT_DTYPES)
-    check_arg("xa", xa, (torch.float32,))
-    check_arg("lora_B", lora_B, (y.dtype,))
-    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != 2 \
-            or xa.shape != (y.shape[0], lora_B.shape[2]):
-        raise ValueError(f"y must be [M, N], xa [M, R] and lora_B [S, N, R]; got {tuple(y.shape)}, "
-                         f"{tuple(xa.shape)} and {tuple(lora_B.shape)}")
+    _check_expand(y, xa, lora_B, ranks)
     m, n = y.shape
     r = lora_B.shape[2]
-    if ranks.shape != (lora_B.shape[0],):
-        raise ValueError(f"ranks must have shape [{lora_B.shape[0]}], got {tuple(ranks.shape)}")
-    check_arg("ranks", ranks, (torch.int32,))
     check_arg("slots", slots, (torch.int32,))
     if slots.shape != (m,):
         raise ValueError(f"slots must have shape [{m}], got {tuple(slots.shape)}")
@@ -198,10 +215,8 @@ def _sgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, T, 
     g = tl.program_id(0)
     tm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
-    slot = tl.load(slot_ptr + g)
+    slot, s, rank = _slot(slot_ptr, g, rank_ptr)
     valid = slot >= 0
-    s = tl.maximum(slot, 0).to(tl.int64)
-    rank = tl.where(valid, tl.load(rank_ptr + s), 0)
     rows = g.to(tl.int64) * T + tm
     m_ok = tm < T
     r_ok = rr < rank
@@ -225,10 +240,7 @@ def _sgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, T, N, R,
     g = tl.program_id(0)
     tm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(slot_ptr + g)
-    valid = slot >= 0
-    s = tl.maximum(slot, 0).to(tl.int64)
-    rank = tl.where(valid, tl.load(rank_ptr + s), 0)
+    slot, s, rank = _slot(slot_ptr, g, rank_ptr)
     rows = g.to(tl.int64) * T + tm
     m_ok = tm < T
     n_ok = rn < N
@@ -261,19 +273,12 @@ def sgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ran
     """:func:`bgmv_shrink` for rows in segments: row m uses slot ``seg_slots[m // seg_rows]`` (-1: none).
 
     x [M, K] with M = G * seg_rows; seg_slots int32 [G]. Returns float32 xa [M, R]."""
-    check_arg("x", x, FLOAT_DTYPES)
-    check_arg("lora_A", lora_A, (x.dtype,))
-    if x.dim() != 2 or lora_A.dim() != 3 or lora_A.shape[2] != x.shape[1]:
-        raise ValueError(f"x must be [M, K] and lora_A [S, R, K]; got {tuple(x.shape)} and {tuple(lora_A.shape)}")
+    out = _check_shrink(x, lora_A, out)
     m, k = x.shape
     r = lora_A.shape[1]
     n_seg = _segments(m, seg_slots, seg_rows)
     _check_slot_meta(lora_A, scales, ranks)
     check_device(_sgmv_shrink_kernel, x=x, lora_A=lora_A, scales=scales, ranks=ranks, seg_slots=seg_slots, out=out)
-    if out is None:
-        out = torch.empty((m, r), dtype=torch.float32, device=x.device)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (m, r) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 [{m}, {r}] tensor, got {out.dtype} {tuple(out.shape)}")
     if m == 0 or r == 0:
         return out
     grid = (n_seg, triton.cdiv(seg_rows, SGMV_SHRINK_BLOCK_M), triton.cdiv(r, BLOCK_R))
@@ -286,18 +291,9 @@ def sgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ran
 def sgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
                  seg_slots: torch.Tensor, seg_rows: int) -> torch.Tensor:
     """:func:`bgmv_expand_` for rows in segments (see :func:`sgmv_shrink`); in place, returns y."""
-    check_arg("y", y, FLOAT_DTYPES)
-    check_arg("xa", xa, (torch.float32,))
-    check_arg("lora_B", lora_B, (y.dtype,))
-    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != 2 \
-            or xa.shape != (y.shape[0], lora_B.shape[2]):
-        raise ValueError(f"y must be [M, N], xa [M, R] and lora_B [S, N, R]; got {tuple(y.shape)}, "
-                         f"{tuple(xa.shape)} and {tuple(lora_B.shape)}")
+    _check_expand(y, xa, lora_B, ranks)
     m, n = y.shape
     r = lora_B.shape[2]
-    if ranks.shape != (lora_B.shape[0],):
-        raise ValueError(f"ranks must have shape [{lora_B.shape[0]}], got {tuple(ranks.shape)}")
-    check_arg("ranks", ranks, (torch.int32,))
     n_seg = _segments(m, seg_slots, seg_rows)
     check_device(_sgmv_expand_kernel, y=y, xa=xa, lora_B=lora_B, ranks=ranks, seg_slots=seg_slots)
     if m == 0 or n == 0 or r == 0:
