@@ -114,6 +114,9 @@ def test_slots_and_eviction(setup, pool_model):
     assert pool.last_evicted == "r8"
     assert pool.unload("more") == 1 and layer.ranks[1] == 0 and pool.layers["model.layers.0.self_attn.q_proj"].ranks[1] == 0
     assert layer.lora_A.data_ptr() == a_ptr  # in place: never reallocated
+    # Slot memory, exactly: 3 slots x r 16 x (K + N) fp32 per layer, + 4 + 4 bytes of scale and rank per slot.
+    shapes = [(l.in_features, l.out_features) for l in pool.layers.values()]
+    assert pool.slot_bytes == sum(3 * 16 * (k + n) * 4 + 3 * 8 for k, n in shapes)
     assert pool.info("r4")["pinned"] and pool.info("r4")["r"] == 4
     pool.load("r4", dirs["r8"], replace=True)  # overwrite in its own slot
     assert pool.slot_of("r4") == 0 and layer.ranks[0] == 2
@@ -130,6 +133,12 @@ def test_bad_input(setup, pool_model, tmp_path):
         pool.unload("nope")
     with pytest.raises(ValueError, match="already loaded"):
         pool.load("r4", dirs["r4"])
+    # A failing load into a full pool evicts nothing.
+    big = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(32, 64),
+           "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 32)}
+    with pytest.raises(ValueError, match="rank r=32, above the pool's slot size max_rank=16"):
+        pool.load("big", ({"peft_type": "LORA", "r": 32, "lora_alpha": 32, "target_modules": ["q_proj"]}, big))
+    assert pool.loaded == ["r4", "r8", "r16"] and pool.last_evicted is None
     small = AdapterPool(copy.deepcopy(base), slots=2, max_rank=8)
     with pytest.raises(ValueError, match=r"rank r=16, above the pool's slot size max_rank=8"):
         small.load("big", dirs["r16"])

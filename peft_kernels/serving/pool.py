@@ -102,6 +102,12 @@ class AdapterPool:
         """Resident adapters, least recently used first."""
         return list(self._slot_of)
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of every layer's slot buffers: Σ S·R·(K + N)·itemsize + 8·S (scale and rank)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers.values()
+                   for t in (layer.lora_A, layer.lora_B, layer.scaling, layer.ranks))
+
     def __contains__(self, name: str) -> bool:
         return name in self._slot_of
 
