@@ -13,6 +13,7 @@ from _weights import weight64
 from peft_kernels.kernels import multi_lora as K
 from peft_kernels.kernels._launch import is_interpreted
 from peft_kernels.nn import Linear4bit, LoraLinear
+from peft_kernels.nn._base import quant_args
 from peft_kernels.nn.multi_lora import MultiLoraLinear
 from peft_kernels.ops import multi_lora as O
 from peft_kernels.ops.backend import ENV_VAR
@@ -235,3 +236,30 @@ def test_kernel_launcher_errors():
     with pytest.raises(ValueError, match="y must be"):
         K.bgmv_expand_(torch.zeros(2, 6, device=DEVICE), torch.zeros(2, 4, device=DEVICE),
                        torch.zeros(2, 5, 4, device=DEVICE), rk, torch.zeros(2, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU op registration check")
+def test_ops_opcheck_and_fullgraph_compile():
+    """The custom ops pass torch.library.opcheck (schema, fake impl); the layer compiles with fullgraph=True and
+    a new slot index (same shape) reuses the graph."""
+    base = _quant_base(48, 64, None, blocksize=64)
+    layer = MultiLoraLinear(base, slots=len(RANKS), max_rank=16)
+    _fill(layer, torch.float32)
+    x = torch.randn(6, 64, generator=_gen(11))
+    slots = _row_slots(3)
+    torch.library.opcheck(O.multi_lora_4bit_op, (x, *quant_args(base), 48, base.bias, layer.lora_A, layer.lora_B,
+                                                 layer.scaling, layer.ranks, slots, 2))
+    dense = torch.nn.Linear(64, 48)
+    torch.library.opcheck(O.multi_lora_dense_op, (x, dense.weight.detach(), None, layer.lora_A, layer.lora_B,
+                                                  layer.scaling, layer.ranks, slots, 2))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x3 = x.view(3, 2, 64)
+    with torch.no_grad():
+        for idx in ([1, -1, 0], [2, 2, -1]):
+            layer.slot_index = torch.tensor(idx, dtype=torch.int32)
+            assert torch.equal(compiled(x3), layer(x3))
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
