@@ -231,3 +231,29 @@ def test_same_semantics_as_peft_adapter_names(setup):
     got = model(ids, adapter_names=names).logits
     for b, n in enumerate(names):
         assert_close_to_reference(got[b], want[b], torch.float32, f"sequence {b} ({n})")
+
+
+@torch.no_grad()
+def test_from_lora_model(setup):
+    """Adapters loaded the usual way (io.load_adapter, several names) move into a pool; same logits, bit for bit."""
+    base, dirs = setup
+    model = copy.deepcopy(base)
+    for n in ADAPTERS:
+        load_adapter(model, dirs[n], adapter_name=n)
+    pool = AdapterPool.from_lora_model(model)
+    assert pool.loaded == list(ADAPTERS) and pool.num_slots == 3 and pool.max_rank == 16
+    assert not any(type(m).__name__ == "LoraLinear" for m in model.modules())
+    names = ["r16", "r4", None, "r8"]
+    ids = sample_ids(batch=4, seq=5)
+    got = model(ids, adapter_names=names).logits
+    for b, n in enumerate(names):
+        assert torch.equal(got[b], _single(setup, n)(ids).logits[b]), (b, n)
+    with pytest.raises(ValueError, match="no LoraLinear layers"):
+        AdapterPool.from_lora_model(copy.deepcopy(base))
+    two = copy.deepcopy(base)
+    for n in ADAPTERS:
+        load_adapter(two, dirs[n], adapter_name=n)
+    with pytest.raises(PoolFullError, match="3 adapters"):
+        AdapterPool.from_lora_model(two, slots=2)
+    with pytest.raises(ValueError, match="above max_rank=8"):
+        AdapterPool.from_lora_model(two, max_rank=8)

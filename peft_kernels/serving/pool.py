@@ -152,6 +152,10 @@ class AdapterPool:
             raise ValueError(f"adapter {name!r} is already loaded (slot {self._slot_of[name]}); unload it first or "
                              f"pass replace=True")
         plan, info = self._plan(source)
+        return self._write(name, plan, info, pin=pin, evict=evict)
+
+    def _write(self, name: str, plan: dict, info: dict, *, pin: bool, evict: bool) -> int:
+        """Copy a checked plan ({layer: (A, B, scale)}) into ``name``'s slot (a free or evicted one)."""
         # Choose the slot last: nothing is evicted for an adapter that fails its checks.
         if name in self._slot_of:
             slot = self._slot_of[name]
@@ -166,6 +170,47 @@ class AdapterPool:
         if pin:
             self._pinned.add(name)
         return slot
+
+    @classmethod
+    def from_lora_model(cls, model: nn.Module, slots: Optional[int] = None, max_rank: Optional[int] = None, *,
+                        dtype: Optional[torch.dtype] = None) -> "AdapterPool":
+        """A pool holding the adapters a model already has in its ``LoraLinear`` layers (``io.load_adapter``,
+        ``methods.lora``, ``io.from_peft_model``): each LoraLinear becomes its base plus slots, every adapter is
+        copied into a slot under its own name. ``slots`` defaults to the number of adapters, ``max_rank`` to
+        their largest rank. Merged, DoRA and ``lora_bias`` adapters are refused (before anything changes)."""
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+        if not layers:
+            raise ValueError("the model has no LoraLinear layers; build AdapterPool(model, ...) and load adapters")
+        names: list[str] = []
+        for lname, m in layers:
+            if m.merged_adapters:
+                raise ValueError(f"layer {lname!r} has merged adapters {m.merged_adapters}; unmerge them first")
+            for a in m.lora_A:
+                if m.use_dora[a] or m.lora_bias[a]:
+                    raise ValueError(f"adapter {a!r} at {lname!r} uses DoRA or lora_bias: the pool serves the "
+                                     f"low-rank term only")
+                if a not in names:
+                    names.append(a)
+        ranks = [m.r[a] for _, m in layers for a in m.lora_A]
+        max_rank = max(ranks) if max_rank is None else max_rank
+        slots = len(names) if slots is None else slots
+        if len(names) > slots:
+            raise PoolFullError(f"the model has {len(names)} adapters ({names}) for {slots} slots")
+        if max(ranks) > max_rank:
+            raise ValueError(f"the model's adapters have ranks up to {max(ranks)}, above max_rank={max_rank}")
+        plans = {a: {} for a in names}
+        for lname, m in layers:
+            for a in m.lora_A:
+                plans[a][lname] = (m.lora_A[a].weight.detach(), m.lora_B[a].weight.detach(), float(m.scaling[a]))
+        for lname, m in layers:
+            replace_module(model, lname, m.base_layer)
+        from ..methods.lora import CONFIG_ATTR
+        model.__dict__.pop(CONFIG_ATTR, None)  # the adapters now live in the pool
+        pool = cls(model, slots, max_rank, target_modules=[n for n, _ in layers], dtype=dtype)
+        for a in names:
+            pool._write(a, plans[a], {"r": max(pl[0].shape[0] for pl in plans[a].values()), "lora_alpha": None,
+                                      "use_rslora": None, "modules": sorted(plans[a])}, pin=False, evict=False)
+        return pool
 
     def unload(self, name: str) -> int:
         """Free ``name``'s slot (its rank and scale become 0 in every layer); returns the slot."""
