@@ -54,13 +54,16 @@ def _row_slots(m, seed=2):
 
 @triton_ok
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,r_max", SHAPES)
+@pytest.mark.parametrize("m,n,k,r_max", SHAPES + ((3, 40, 1100, 16),))  # K = 1100: the shrink splits K in 3
 def test_shrink_expand_kernels(m, n, k, r_max, dtype):
     a, b, scales, ranks = _slots(n, k, r_max, dtype)
     x = torch.randn(m, k, generator=_gen(3)).to(DEVICE, dtype)
     slots = _row_slots(m)
-    xa = torch.full((m, r_max), float("nan"), device=DEVICE)
-    K.bgmv_shrink(x, a, scales, ranks, slots, out=xa)
+    n_split = K.shrink_split(k)[0]
+    assert n_split == (3 if k == 1100 else 1)
+    parts = torch.full((n_split, m, r_max), float("nan"), device=DEVICE)
+    K.bgmv_shrink(x, a, scales, ranks, slots, out=parts)
+    xa = parts.sum(0)
     ref_xa = torch.zeros(m, r_max, dtype=torch.float64)
     for i, s in enumerate(slots.tolist()):
         if s >= 0:
@@ -69,7 +72,7 @@ def test_shrink_expand_kernels(m, n, k, r_max, dtype):
     assert torch.equal(xa[slots.cpu() < 0].cpu(), torch.zeros_like(xa[slots.cpu() < 0].cpu()))
     y0 = torch.randn(m, n, generator=_gen(4)).to(DEVICE, dtype)
     y = y0.clone()
-    K.bgmv_expand_(y, xa, b, ranks, slots)
+    K.bgmv_expand_(y, parts, b, ranks, slots)
     ref = y0.double().cpu().clone()
     for i, s in enumerate(slots.tolist()):
         if s >= 0:
@@ -233,8 +236,8 @@ def test_kernel_launcher_errors():
         K.bgmv_shrink(x, a.half(), sc, rk, torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match=r"slots must have shape \[2\]"):
         K.bgmv_shrink(x, a, sc, rk, torch.zeros(3, dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match="y must be"):
-        K.bgmv_expand_(torch.zeros(2, 6, device=DEVICE), torch.zeros(2, 4, device=DEVICE),
+    with pytest.raises(ValueError, match=r"xa \[P, M, R\]"):
+        K.bgmv_expand_(torch.zeros(2, 6, device=DEVICE), torch.zeros(1, 2, 4, device=DEVICE),
                        torch.zeros(2, 5, 4, device=DEVICE), rk, torch.zeros(2, dtype=torch.int32, device=DEVICE))
 
 

@@ -46,8 +46,12 @@ from ._launch import FLOAT_DTYPES, TL_PTR, AotVariant, check_arg, check_device
 
 #: Rank chunk (rows of A / columns of B per step): any R works (masked), R = 16 is one step.
 BLOCK_R = 16
-#: Shrink: K elements per step (x row chunk and a [BLOCK_R, BLOCK_K] tile of A). 4 warps.
+#: Shrink: K elements per step (x row chunk and a [BLOCK_R, BLOCK_K] tile of A). 4 warps. K is split into
+#: P = cdiv(K, KP) partials, KP >= SHRINK_K_PER_PROGRAM (a multiple of SHRINK_BLOCK_K) and P <= SHRINK_MAX_SPLIT:
+#: K = 4096 -> 8 programs per row (512 for a 64-row decode batch).
 SHRINK_BLOCK_K = 256
+SHRINK_K_PER_PROGRAM = 512
+SHRINK_MAX_SPLIT = 32
 #: Expand: output columns per program (a [BLOCK_N, BLOCK_R] tile of B: 8 KB bf16 contiguous).
 EXPAND_BLOCK_N = 256
 NUM_WARPS = 4
@@ -64,19 +68,23 @@ def _slot(slot_ptr, i, rank_ptr):
 
 
 @triton.jit
-def _bgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, K, R,
+def _bgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, M, K, R, KP,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Grid (M, cdiv(R, BLOCK_R)). A row without an adapter (slot < 0) masks every load: it writes zeros.
+    # Grid (M, cdiv(R, BLOCK_R), P): split K. Program p sums columns [p*KP, (p+1)*KP) (KP a multiple of
+    # BLOCK_K) into partial p of xa [P, M, R]; the expand adds the P partials in a fixed order (deterministic,
+    # no atomics). One program per row alone would stream a whole r x K A with one tile in flight: latency-
+    # bound; P programs per row keep P tiles in flight. A row without an adapter masks every load: zeros.
     m = tl.program_id(0)
     rr = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_base = tl.program_id(2) * KP
     slot, s, rank = _slot(slot_ptr, m, rank_ptr)
     valid = slot >= 0
     r_ok = rr < rank
     a_rows = a_ptr + s * R * K + rr.to(tl.int64)[:, None] * K
     x_row = x_ptr + m.to(tl.int64) * K
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
+    for k0 in range(0, KP, BLOCK_K):
+        kk = k_base + k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
         xv = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)
         at = tl.load(a_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -84,14 +92,16 @@ def _bgmv_shrink_kernel(x_ptr, a_ptr, scale_ptr, rank_ptr, slot_ptr, xa_ptr, K, 
     scale = tl.where(valid, tl.load(scale_ptr + s), 0.0)
     out = tl.sum(acc, axis=1) * scale
     out = tl.where(r_ok, out, 0.0)
-    tl.store(xa_ptr + m.to(tl.int64) * R + rr, out, mask=rr < R)
+    part = tl.program_id(2).to(tl.int64) * M * R
+    tl.store(xa_ptr + part + m.to(tl.int64) * R + rr, out, mask=rr < R)
 
 
 @triton.jit
-def _bgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, N, R,
+def _bgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, M, N, R, P,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    # Grid (M, cdiv(N, BLOCK_N)). y[m, rn] += sum_j xa[m, j] B_s[rn, j] for j < rank; B_s is [N, R]
-    # row-major, so the tile's rows are contiguous runs of R elements (the whole tile is one run).
+    # Grid (M, cdiv(N, BLOCK_N)). y[m, rn] += sum_j xa[m, j] B_s[rn, j] for j < rank, xa[m] = the sum of the
+    # shrink's P partials (P*r floats per program); B_s is [N, R] row-major, so the tile's rows are contiguous
+    # runs of R elements (the whole tile is one run).
     m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot, s, rank = _slot(slot_ptr, m, rank_ptr)
@@ -101,7 +111,9 @@ def _bgmv_expand_kernel(y_ptr, xa_ptr, b_ptr, rank_ptr, slot_ptr, N, R,
     for j0 in range(0, R, BLOCK_R):
         j = j0 + tl.arange(0, BLOCK_R)
         j_ok = j < rank
-        xav = tl.load(xa_ptr + m.to(tl.int64) * R + j, mask=j_ok, other=0.0)
+        xav = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for p in range(0, P):
+            xav += tl.load(xa_ptr + (p * M + m).to(tl.int64) * R + j, mask=j_ok, other=0.0)
         bt = tl.load(b_rows + j[None, :], mask=n_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(bt * xav[None, :], axis=1)
     y = y_ptr + m.to(tl.int64) * N + rn
@@ -128,52 +140,63 @@ def _check_slots_args(lora: torch.Tensor, scales: torch.Tensor, ranks: torch.Ten
         raise ValueError(f"slots must have shape [{m}] (one slot index per row), got {tuple(slots.shape)}")
 
 
-def _check_shrink(x: torch.Tensor, lora_A: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] and lora_A [S, R, K] in one dtype; returns the float32 [M, R] output (``out`` or a new one)."""
+def _check_shrink(x: torch.Tensor, lora_A: torch.Tensor, out: torch.Tensor | None,
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """x [M, K] and lora_A [S, R, K] in one dtype; returns the float32 output of ``shape`` (``out`` or new)."""
     check_arg("x", x, FLOAT_DTYPES)
     check_arg("lora_A", lora_A, (x.dtype,))
     if x.dim() != 2 or lora_A.dim() != 3 or lora_A.shape[2] != x.shape[1]:
         raise ValueError(f"x must be [M, K] and lora_A [S, R, K]; got {tuple(x.shape)} and {tuple(lora_A.shape)}")
-    m, r = x.shape[0], lora_A.shape[1]
     if out is None:
-        return torch.empty((m, r), dtype=torch.float32, device=x.device)
-    if out.dtype != torch.float32 or tuple(out.shape) != (m, r) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 [{m}, {r}] tensor, got {out.dtype} {tuple(out.shape)}")
+        return torch.empty(shape, dtype=torch.float32, device=x.device)
+    if out.dtype != torch.float32 or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 {list(shape)} tensor, got {out.dtype} {tuple(out.shape)}")
     return out
 
 
-def _check_expand(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor) -> None:
-    """y [M, N] and lora_B [S, N, R] in one dtype, xa float32 [M, R], ranks int32 [S]."""
+def _check_expand(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
+                  xa_dims: int) -> None:
+    """y [M, N] and lora_B [S, N, R] in one dtype, xa float32 [(P,) M, R], ranks int32 [S]."""
     check_arg("y", y, FLOAT_DTYPES)
     check_arg("xa", xa, (torch.float32,))
     check_arg("lora_B", lora_B, (y.dtype,))
-    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != 2 \
-            or xa.shape != (y.shape[0], lora_B.shape[2]):
-        raise ValueError(f"y must be [M, N], xa [M, R] and lora_B [S, N, R]; got {tuple(y.shape)}, "
+    if y.dim() != 2 or lora_B.dim() != 3 or lora_B.shape[1] != y.shape[1] or xa.dim() != xa_dims \
+            or xa.shape[-2:] != (y.shape[0], lora_B.shape[2]):
+        want = "[P, M, R]" if xa_dims == 3 else "[M, R]"
+        raise ValueError(f"y must be [M, N], xa {want} and lora_B [S, N, R]; got {tuple(y.shape)}, "
                          f"{tuple(xa.shape)} and {tuple(lora_B.shape)}")
     check_arg("ranks", ranks, (torch.int32,))
     if ranks.shape != (lora_B.shape[0],):
         raise ValueError(f"ranks must have shape [{lora_B.shape[0]}], got {tuple(ranks.shape)}")
 
 
+def shrink_split(k: int) -> tuple[int, int]:
+    """(P, KP): the shrink's K split for in_features k (see SHRINK_K_PER_PROGRAM)."""
+    kp = max(SHRINK_K_PER_PROGRAM, -(-k // SHRINK_MAX_SPLIT))
+    kp = -(-kp // SHRINK_BLOCK_K) * SHRINK_BLOCK_K
+    return max(1, -(-k // kp)), kp
+
+
 def bgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ranks: torch.Tensor,
                 slots: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``xa[m] = scales[s] * x[m] A_s[:ranks[s]]ᵀ`` with ``s = slots[m]`` (zero row for s = -1).
+    """Partials of ``xa[m] = scales[s] * x[m] A_s[:ranks[s]]ᵀ`` with ``s = slots[m]`` (zero for s = -1).
 
     x: [M, K] contiguous, lora_A: [S, R, K] contiguous in x.dtype, scales float32 [S], ranks int32 [S]
     (each <= R), slots int32 [M] in [-1, S) (not range-checked here: the caller's job, see
-    ``ops/multi_lora.py``). Returns float32 [M, R].
+    ``ops/multi_lora.py``). Returns float32 [P, M, R] with ``P = shrink_split(K)[0]``: ``xa = out.sum(0)``
+    (:func:`bgmv_expand_` takes the partials as they are).
     """
-    out = _check_shrink(x, lora_A, out)
-    m, k = x.shape
-    r = lora_A.shape[1]
+    m, k = x.shape if x.dim() == 2 else (0, 0)
+    r = lora_A.shape[1] if lora_A.dim() == 3 else 0
+    n_split, kp = shrink_split(k)
+    out = _check_shrink(x, lora_A, out, (n_split, m, r))
     _check_slots_args(lora_A, scales, ranks, slots, m)
     check_device(_bgmv_shrink_kernel, x=x, lora_A=lora_A, scales=scales, ranks=ranks, slots=slots, out=out)
     if m == 0 or r == 0:
-        return out
-    _bgmv_shrink_kernel[(m, triton.cdiv(r, BLOCK_R))](x, lora_A, scales, ranks, slots, out, k, r,
-                                                      BLOCK_R=BLOCK_R, BLOCK_K=SHRINK_BLOCK_K, num_warps=NUM_WARPS,
-                                                      num_stages=1)
+        return out.zero_()
+    _bgmv_shrink_kernel[(m, triton.cdiv(r, BLOCK_R), n_split)](
+        x, lora_A, scales, ranks, slots, out, m, k, r, kp, BLOCK_R=BLOCK_R, BLOCK_K=SHRINK_BLOCK_K,
+        num_warps=NUM_WARPS, num_stages=1)
     return out
 
 
@@ -181,10 +204,10 @@ def bgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks:
                  slots: torch.Tensor) -> torch.Tensor:
     """``y[m] += xa[m, :r] B_s[:, :r]ᵀ`` in place with ``s = slots[m]``, ``r = ranks[s]`` (rows with s = -1 untouched).
 
-    y: [M, N] contiguous fp32/fp16/bf16, xa: float32 [M, R] (from :func:`bgmv_shrink`), lora_B: [S, N, R]
-    contiguous in y.dtype, ranks int32 [S], slots int32 [M]. Returns y.
+    y: [M, N] contiguous fp32/fp16/bf16, xa: float32 [P, M, R] (the partials of :func:`bgmv_shrink`, summed
+    here), lora_B: [S, N, R] contiguous in y.dtype, ranks int32 [S], slots int32 [M]. Returns y.
     """
-    _check_expand(y, xa, lora_B, ranks)
+    _check_expand(y, xa, lora_B, ranks, 3)
     m, n = y.shape
     r = lora_B.shape[2]
     check_arg("slots", slots, (torch.int32,))
@@ -193,7 +216,7 @@ def bgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks:
     check_device(_bgmv_expand_kernel, y=y, xa=xa, lora_B=lora_B, ranks=ranks, slots=slots)
     if m == 0 or n == 0 or r == 0:
         return y
-    _bgmv_expand_kernel[(m, triton.cdiv(n, EXPAND_BLOCK_N))](y, xa, lora_B, ranks, slots, n, r,
+    _bgmv_expand_kernel[(m, triton.cdiv(n, EXPAND_BLOCK_N))](y, xa, lora_B, ranks, slots, m, n, r, xa.shape[0],
                                                              BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=BLOCK_R,
                                                              num_warps=NUM_WARPS, num_stages=1)
     return y
@@ -273,8 +296,8 @@ def sgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ran
     """:func:`bgmv_shrink` for rows in segments: row m uses slot ``seg_slots[m // seg_rows]`` (-1: none).
 
     x [M, K] with M = G * seg_rows; seg_slots int32 [G]. Returns float32 xa [M, R]."""
-    out = _check_shrink(x, lora_A, out)
-    m, k = x.shape
+    m, k = x.shape if x.dim() == 2 else (0, 0)
+    out = _check_shrink(x, lora_A, out, (m, lora_A.shape[1] if lora_A.dim() == 3 else 0))
     r = lora_A.shape[1]
     n_seg = _segments(m, seg_slots, seg_rows)
     _check_slot_meta(lora_A, scales, ranks)
@@ -291,7 +314,7 @@ def sgmv_shrink(x: torch.Tensor, lora_A: torch.Tensor, scales: torch.Tensor, ran
 def sgmv_expand_(y: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor, ranks: torch.Tensor,
                  seg_slots: torch.Tensor, seg_rows: int) -> torch.Tensor:
     """:func:`bgmv_expand_` for rows in segments (see :func:`sgmv_shrink`); in place, returns y."""
-    _check_expand(y, xa, lora_B, ranks)
+    _check_expand(y, xa, lora_B, ranks, 2)
     m, n = y.shape
     r = lora_B.shape[2]
     n_seg = _segments(m, seg_slots, seg_rows)
@@ -313,14 +336,15 @@ def _aot_variants() -> list[AotVariant]:
         out.append(AotVariant(
             name=f"bgmv_shrink-{t[1:]}", kernel=_bgmv_shrink_kernel,
             signature={"x_ptr": t, "a_ptr": t, "scale_ptr": "*fp32", "rank_ptr": "*i32", "slot_ptr": "*i32",
-                       "xa_ptr": "*fp32", "K": "i32", "R": "i32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+                       "xa_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", "KP": "i32", "BLOCK_R": "constexpr",
+                       "BLOCK_K": "constexpr"},
             constexprs={"BLOCK_R": BLOCK_R, "BLOCK_K": SHRINK_BLOCK_K}, num_warps=NUM_WARPS, num_stages=1,
-            divisible_by_16=("x_ptr", "a_ptr", "scale_ptr", "rank_ptr", "slot_ptr", "xa_ptr", "K", "R"),
+            divisible_by_16=("x_ptr", "a_ptr", "scale_ptr", "rank_ptr", "slot_ptr", "xa_ptr", "K", "R", "KP"),
             meta={"config": "bgmv_shrink", "dtype": t[1:]}))
         out.append(AotVariant(
             name=f"bgmv_expand-{t[1:]}", kernel=_bgmv_expand_kernel,
             signature={"y_ptr": t, "xa_ptr": "*fp32", "b_ptr": t, "rank_ptr": "*i32", "slot_ptr": "*i32",
-                       "N": "i32", "R": "i32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
+                       "M": "i32", "N": "i32", "R": "i32", "P": "i32", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"},
             constexprs={"BLOCK_N": EXPAND_BLOCK_N, "BLOCK_R": BLOCK_R}, num_warps=NUM_WARPS, num_stages=1,
             divisible_by_16=("y_ptr", "xa_ptr", "b_ptr", "rank_ptr", "slot_ptr", "N", "R"),
             meta={"config": "bgmv_expand", "dtype": t[1:]}))
