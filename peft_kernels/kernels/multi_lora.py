@@ -8,9 +8,9 @@ The adapters live in stacked, rank-padded slot tensors (one set per layer, see `
     ranks    int32 [S]   r_s (0: an empty slot)
     slots    int32 [M]   the slot of each row; -1 = no adapter
 
-* ``bgmv_shrink(x, lora_A, scales, ranks, slots)``: ``xa[m] = s_{slot m} · x[m] A_{slot m}ᵀ``, float32
-  [M, R] (zero for rows without an adapter and beyond each row's rank).
-* ``bgmv_expand_(y, xa, lora_B, ranks, slots)``: ``y[m] += xa[m] B_{slot m}ᵀ`` in place (rows without an
+* ``bgmv_shrink(x, lora_A, scales, ranks, slots)``: ``xa[m] = s_{slot m} · x[m] A_{slot m}ᵀ`` as float32
+  partials [P, M, R] over P slices of K (zero for rows without an adapter and beyond each row's rank).
+* ``bgmv_expand_(y, xa, lora_B, ranks, slots)``: ``y[m] += (Σ_p xa[p, m]) B_{slot m}ᵀ`` in place (rows without an
   adapter are not touched): the low-rank term added to a base output ``y`` [M, N] (x W^T + b, already
   computed by matmul4bit's kernels over the NF4 weight, or by cuBLAS over a dense one).
 
