@@ -52,6 +52,17 @@ def _row_slots(m, seed=2):
     return torch.cat([base, rest])[:m].to(DEVICE)
 
 
+def _ref_xa_y(x, a, b, scales, rows, y0):
+    """float64 (xa [M, R], y0 + xa Bᵀ) row by row (rows: the slot of each row)."""
+    ref_xa = torch.zeros(x.shape[0], a.shape[1], dtype=torch.float64)
+    ref = y0.double().cpu().clone()
+    for i, s in enumerate(rows.tolist()):
+        if s >= 0:
+            ref_xa[i] = float(scales[s]) * (x[i].double().cpu() @ a[s].double().cpu().t())
+            ref[i] += ref_xa[i] @ b[s].double().cpu().t()
+    return ref_xa, ref
+
+
 @triton_ok
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,r_max", SHAPES + ((3, 40, 1100, 16),))  # K = 1100: the shrink splits K in 3
@@ -64,19 +75,12 @@ def test_shrink_expand_kernels(m, n, k, r_max, dtype):
     parts = torch.full((n_split, m, r_max), float("nan"), device=DEVICE)
     K.bgmv_shrink(x, a, scales, ranks, slots, out=parts)
     xa = parts.sum(0)
-    ref_xa = torch.zeros(m, r_max, dtype=torch.float64)
-    for i, s in enumerate(slots.tolist()):
-        if s >= 0:
-            ref_xa[i] = float(scales[s]) * (x[i].double().cpu() @ a[s].double().cpu().t())
+    y0 = torch.randn(m, n, generator=_gen(4)).to(DEVICE, dtype)
+    ref_xa, ref = _ref_xa_y(x, a, b, scales, slots, y0)
     assert_close_to_reference(xa.cpu(), ref_xa, dtype, "xa")
     assert torch.equal(xa[slots.cpu() < 0].cpu(), torch.zeros_like(xa[slots.cpu() < 0].cpu()))
-    y0 = torch.randn(m, n, generator=_gen(4)).to(DEVICE, dtype)
     y = y0.clone()
     K.bgmv_expand_(y, parts, b, ranks, slots)
-    ref = y0.double().cpu().clone()
-    for i, s in enumerate(slots.tolist()):
-        if s >= 0:
-            ref[i] += ref_xa[i] @ b[s].double().cpu().t()
     assert_close_to_reference(y.cpu(), ref, dtype, "y")
     untouched = (slots < 0) | (ranks[slots.clamp(min=0).long()] == 0)
     assert torch.equal(y[untouched], y0[untouched])  # no adapter / empty slot: the base output bit for bit
@@ -94,17 +98,10 @@ def test_sgmv_kernels(seg, t, n, k, r_max, dtype):
     rows = seg_slots.repeat_interleave(t)
     xa = torch.full((m, r_max), float("nan"), device=DEVICE)
     K.sgmv_shrink(x, a, scales, ranks, seg_slots, t, out=xa)
-    ref_xa = torch.zeros(m, r_max, dtype=torch.float64)
-    for i, s in enumerate(rows.tolist()):
-        if s >= 0:
-            ref_xa[i] = float(scales[s]) * (x[i].double().cpu() @ a[s].double().cpu().t())
-    assert_close_to_reference(xa.cpu(), ref_xa, dtype, "xa")
     y0 = torch.randn(m, n, generator=_gen(10)).to(DEVICE, dtype)
+    ref_xa, ref = _ref_xa_y(x, a, b, scales, rows, y0)
+    assert_close_to_reference(xa.cpu(), ref_xa, dtype, "xa")
     y = K.sgmv_expand_(y0.clone(), xa, b, ranks, seg_slots, t)
-    ref = y0.double().cpu().clone()
-    for i, s in enumerate(rows.tolist()):
-        if s >= 0:
-            ref[i] += ref_xa[i] @ b[s].double().cpu().t()
     assert_close_to_reference(y.cpu(), ref, dtype, "y")
     assert torch.equal(y[rows < 0], y0[rows < 0])
     with pytest.raises(ValueError, match="must cover the"):
