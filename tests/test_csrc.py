@@ -32,7 +32,7 @@ from peft_kernels.quant import VALID_BLOCKSIZES, code4, quantize_4bit
 NVCC = csrc_build.nvcc_path()
 NO_NVCC = "nvcc not found: the CUDA C library cannot be compiled on this machine"
 ARCHS = ("80", "86", "89", "90")
-ABI_SYMBOLS = {"pk_dequantize_4bit", "pk_last_error", "pk_version"}
+ABI_SYMBOLS = {"pk_dequantize_4bit", "pk_gemv_4bit", "pk_last_error", "pk_version"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
