@@ -1,8 +1,8 @@
 """The fused 4-bit decode GEMV of the CUDA C library (csrc/gemv_4bit.cu) and its torch ops.
 
 Without a GPU:
-* nvcc compiles it for sm_80/86/89/90 (test_csrc.py builds the same library and checks the
-  fat binary and the exported symbols; here: the symbol is there and validates arguments);
+* nvcc compiles it for sm_80/86/89/90: test_csrc.py builds the library (both .cu files) once, checks
+  the fat binary, the exported symbols (pk_gemv_4bit among them) and pk_gemv_4bit's C-side checks;
 * the kernel's per-lane code and its butterfly reduction, compiled for the host
   (-DPK_HOST_EMULATION) and run warp by warp, against a float64 reference on ragged shapes:
   M in 1, 3, 16; odd N; K a multiple and a non-multiple of the blocksize; fp32/fp16/bf16;
@@ -187,3 +187,78 @@ def test_wrapper_rejects_bad_operands():
                            nested_code=torch.ones(256), **kw)
     with pytest.raises(ValueError, match="out_features must be a positive int"):
         cuda_lib.gemv_args(x, packed, absmax, code, bs, 0, **kw)
+
+
+# ----------------------------------------------------------------- GPU
+@pytest.fixture(scope="module")
+def gpu_lib(tmp_path_factory):
+    """The library the GPU tests run: freshly built when nvcc exists, else the installed one."""
+    mp = pytest.MonkeyPatch()
+    if NVCC is not None:
+        arch = "".join(map(str, torch.cuda.get_device_capability()))  # this GPU only: a fast build
+        mp.setenv(cuda_lib.ENV_LIB, str(csrc_build.build(tmp_path_factory.mktemp("gemv_gpu"), archs=(arch,))))
+    cuda_lib.clear_cache()
+    lib = cuda_lib.load()
+    if lib is None:
+        mp.undo()
+        pytest.skip(f"no CUDA C library: {cuda_lib.unavailable_reason()}")
+    yield lib
+    mp.undo()
+    cuda_lib.clear_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("m", (1, 3, 8, 16))
+def test_gpu_gemv_matches_float64(gpu_lib, m, dtype):
+    for n, k, bs, dq in ((37, 96, 64, False), (1001, 4096, 64, True), (4096, 1056, 128, True)):
+        packed, st = _weight(n, k, bs, double_quant=dq, seed=n, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(m)
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        bias = torch.randn(n, device="cuda", generator=g)
+        xa = torch.randn(m, 24, device="cuda", generator=g)
+        b = (0.1 * torch.randn(n, 24, device="cuda", generator=g)).to(dtype)
+        for kw in ({}, dict(bias=bias), dict(bias=bias, xa=xa, lora_B=b, scale=0.5)):
+            y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+            _, args, keep = cuda_lib.gemv_args(x, packed, st.absmax, st.code, bs, n, out=y, **_stats_kwargs(st),
+                                               **kw)
+            assert gpu_lib.pk_gemv_4bit(*args, torch.cuda.current_stream().cuda_stream) == 0
+            torch.cuda.synchronize()
+            want = _reference64(x.cpu(), packed.cpu(), st.to("cpu"), bs, n,
+                                **{key: (v.cpu() if torch.is_tensor(v) else v) for key, v in kw.items()})
+            assert_close_to_reference(y.cpu(), want, dtype, what=f"M={m} N={n} K={k} {sorted(kw)}")
+            got = cuda_lib.gemv_4bit_cuda(x, packed, st.absmax, st.code, bs, n, **_stats_kwargs(st), **kw)
+            assert_close_to_reference(got.cpu(), want, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_gemv_equals_emulation_and_tracks_triton(gpu_lib, emu):
+    # The emulation runs the same per-lane code and reduction order: equal up to FMA contraction.
+    from peft_kernels.kernels.matmul4bit import matmul_4bit_nt
+    n, k, bs = 513, 2048, 64
+    packed, st = _weight(n, k, bs, double_quant=True, seed=9)
+    x = torch.randn(1, k, dtype=torch.float16)
+    emu_y = _emulate(emu, x, packed, st, bs, n)
+    gpu_y = cuda_lib.gemv_4bit_cuda(x.cuda(), packed.cuda(), st.absmax.cuda(), st.code.cuda(), bs, n,
+                                    **_stats_kwargs(st.to("cuda")))
+    assert_close_to_reference(gpu_y.cpu().float(), emu_y.float(), torch.float16)
+    tri = matmul_4bit_nt(x.cuda(), packed.cuda(), st.absmax_float().cuda(), st.code.cuda(), bs, n, config="nt_gemv")
+    assert_close_to_reference(gpu_y.cpu().float(), tri.cpu().float(), torch.float16)
+
+
+@pytest.mark.gpu
+def test_gpu_gemv_errors_and_side_stream(gpu_lib):
+    n, k, bs = 64, 128, 64
+    packed, st = _weight(n, k, bs, device="cuda")
+    x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = cuda_lib.gemv_4bit_cuda(x, packed, st.absmax, st.code, bs, n)
+    side.synchronize()
+    want = _reference64(x.cpu(), packed.cpu(), st.to("cpu"), bs, n)
+    assert_close_to_reference(y.cpu(), want, torch.bfloat16)
+    with pytest.raises(ValueError, match="absmax is on cpu"):
+        cuda_lib.gemv_4bit_cuda(x, packed, st.absmax.cpu(), st.code, bs, n)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        cuda_lib.gemv_4bit_cuda(x, packed.reshape(-1)[8:].reshape(-1, 1), st.absmax, st.code, bs, n - 1)
