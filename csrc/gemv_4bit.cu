@@ -46,7 +46,7 @@ struct GemvParams {
   const float* nested_code;
   float nested_offset;
   const float* bias;            // nullable
-  const float* xa;              // nullable: no LoRA term
+  const void* xa;               // [M, R] of T; nullable: no LoRA term
   const void* lora_b;
   float scale;
   void* y;
@@ -162,6 +162,7 @@ PK_HD void lane_partial(const GemvParams& p, const float* code, int64_t row0, in
   }
   if (p.xa != nullptr) {
     const T* b = static_cast<const T*>(p.lora_b);
+    const T* xa = static_cast<const T*>(p.xa);
     for (int64_t jr = lane; jr < p.R; jr += kWarp) {
       PK_UNROLL
       for (int r = 0; r < kRows; ++r) {
@@ -170,7 +171,7 @@ PK_HD void lane_partial(const GemvParams& p, const float* code, int64_t row0, in
         const float bs = load1(b + n * p.R + jr) * p.scale;
         PK_UNROLL
         for (int m = 0; m < MT; ++m)
-          if (m < p.M) acc[r][m] += PK_LDG(p.xa + m * p.R + jr) * bs;
+          if (m < p.M) acc[r][m] += load1(xa + m * p.R + jr) * bs;
       }
     }
   }
@@ -218,7 +219,7 @@ int dtype_ok(int32_t dt) { return dt == PK_DTYPE_F32 || dt == PK_DTYPE_F16 || dt
 
 int validate(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
              const void* absmax, const float* nested_absmax, const float* nested_code, const float* code16,
-             int32_t blocksize, const float* xa, const void* lora_b, int64_t R, const void* y) {
+             int32_t blocksize, const void* xa, const void* lora_b, int64_t R, const void* y) {
   const char* fn = "pk_gemv_4bit";
   if (!x || !packed || !absmax || !code16 || !y)
     return set_error(PK_ERR_NULL_POINTER, "%s: null pointer (x=%p packed=%p absmax=%p code16=%p y=%p)", fn, x,
@@ -227,8 +228,8 @@ int validate(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K, co
     return set_error(PK_ERR_NULL_POINTER, "%s: nested_absmax=%p and nested_code=%p must be both set or both NULL",
                      fn, (const void*)nested_absmax, (const void*)nested_code);
   if ((xa == nullptr) != (lora_b == nullptr))
-    return set_error(PK_ERR_NULL_POINTER, "%s: xa=%p and lora_B=%p must be both set or both NULL", fn,
-                     (const void*)xa, lora_b);
+    return set_error(PK_ERR_NULL_POINTER, "%s: xa=%p and lora_B=%p must be both set or both NULL", fn, xa,
+                     lora_b);
   if (!dtype_ok(x_dtype))
     return set_error(PK_ERR_DTYPE, "%s: x_dtype %d is not 0 (f32), 1 (f16) or 2 (bf16)", fn, (int)x_dtype);
   if (blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0)
@@ -249,7 +250,7 @@ int validate(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K, co
 
 GemvParams make_params(const void* x, int64_t M, int64_t N, int64_t K, const uint8_t* packed, const void* absmax,
                        const float* nested_absmax, const float* nested_code, float nested_offset,
-                       int32_t blocksize, const float* bias, const float* xa, const void* lora_b, int64_t R,
+                       int32_t blocksize, const float* bias, const void* xa, const void* lora_b, int64_t R,
                        float scale, void* y) {
   GemvParams p;
   p.x = x;
@@ -331,7 +332,7 @@ extern "C" {
 PK_API int pk_gemv_4bit(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                         const void* absmax, const float* nested_absmax, const float* nested_code,
                         float nested_offset, const float* code16, int32_t blocksize, const float* bias,
-                        const float* xa, const void* lora_B, int64_t R, float scale, void* y, void* stream) {
+                        const void* xa, const void* lora_B, int64_t R, float scale, void* y, void* stream) {
   const int rc = validate(x, x_dtype, M, N, K, packed, absmax, nested_absmax, nested_code, code16, blocksize, xa,
                           lora_B, R, y);
   if (rc != PK_OK) return rc;
@@ -356,7 +357,7 @@ PK_API int pk_gemv_4bit(const void* x, int32_t x_dtype, int64_t M, int64_t N, in
 PK_API int pk_emulate_gemv_4bit(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K,
                                 const uint8_t* packed, const void* absmax, const float* nested_absmax,
                                 const float* nested_code, float nested_offset, const float* code16,
-                                int32_t blocksize, const float* bias, const float* xa, const void* lora_B, int64_t R,
+                                int32_t blocksize, const float* bias, const void* xa, const void* lora_B, int64_t R,
                                 float scale, void* y) {
   const int rc = validate(x, x_dtype, M, N, K, packed, absmax, nested_absmax, nested_code, code16, blocksize, xa,
                           lora_B, R, y);

@@ -103,7 +103,7 @@ PK_API int pk_dequantize_4bit(const uint8_t* packed, const float* absmax, const 
  *   code16     float32 [16]                                                device
  *   blocksize  power of two in [32, 4096]
  *   bias       float32 [N] or NULL                                         device
- *   xa         float32 [M, R] or NULL (no LoRA term)                       device
+ *   xa         [M, R] of x_dtype, row-major, or NULL (no LoRA term)        device
  *   lora_B     [N, R] of x_dtype, row-major, or NULL (NULL exactly when xa is)       device
  *   R          >= 1 with a LoRA term, else ignored;   scale: the LoRA scale
  *   y          [M, N] of x_dtype, row-major; every element written exactly once     device
@@ -115,7 +115,7 @@ PK_API int pk_dequantize_4bit(const uint8_t* packed, const float* absmax, const 
 PK_API int pk_gemv_4bit(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
                         const void* absmax, const float* nested_absmax, const float* nested_code,
                         float nested_offset, const float* code16, int32_t blocksize, const float* bias,
-                        const float* xa, const void* lora_B, int64_t R, float scale, void* y, void* stream);
+                        const void* xa, const void* lora_B, int64_t R, float scale, void* y, void* stream);
 
 /* Message describing the outcome of the last pk_* call on this thread: "" after
  * success. Valid until the next pk_* call on the same thread; never NULL. */

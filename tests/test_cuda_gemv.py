@@ -101,7 +101,7 @@ def test_emulated_gemv_bias_lora_nested(emu, m, n, k, blocksize, r, dtype, doubl
     assert (st.nested is not None) == double_quant
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g).to(dtype)
-    xa = torch.randn(m, r, generator=g)
+    xa = torch.randn(m, r, generator=g).to(dtype)  # the kernel reads xa in x.dtype
     lora_B = (torch.randn(n, r, generator=g) * 0.1).to(dtype)
     scale = 0.75
     for kw in (dict(bias=bias), dict(xa=xa, lora_B=lora_B, scale=scale),
@@ -216,7 +216,7 @@ def test_gpu_gemv_matches_float64(gpu_lib, m, dtype):
         g = torch.Generator(device="cuda").manual_seed(m)
         x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
         bias = torch.randn(n, device="cuda", generator=g)
-        xa = torch.randn(m, 24, device="cuda", generator=g)
+        xa = torch.randn(m, 24, device="cuda", generator=g).to(dtype)
         b = (0.1 * torch.randn(n, 24, device="cuda", generator=g)).to(dtype)
         for kw in ({}, dict(bias=bias), dict(bias=bias, xa=xa, lora_B=b, scale=0.5)):
             y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")

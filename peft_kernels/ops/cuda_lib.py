@@ -250,7 +250,7 @@ def gemv_args(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code:
             raise ValueError(f"xa must have shape [{m}, r >= 1] (M rows of x), got {tuple(xa.shape)}")
         if tuple(lora_B.shape) != (n, r):
             raise ValueError(f"lora_B must have shape [{n}, {r}], got {tuple(lora_B.shape)}")
-        xa_f = xa.float().contiguous()
+        xa_f = xa.to(x.dtype).contiguous()  # the reference's rounding of xa; no conversion when it is x.dtype
         b_c = lora_B.to(x.dtype).contiguous()
         keep += [xa_f, b_c]
     if out is None:
@@ -276,8 +276,8 @@ def gemv_4bit_cuda(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, 
     x: [M, K] fp32/fp16/bf16, contiguous, 16-byte aligned, K a multiple of 32. packed: uint8
     (>= N*K/2 bytes, 16-byte aligned). absmax: float32 [nblocks], or uint8 codes with
     nested_absmax float32 [ceil(nblocks/256)] and nested_code float32 [256] (double quantization).
-    code: float32 [16]. bias: [N] (any float dtype, added in fp32). xa: [M, r] (used in fp32) with
-    lora_B: [N, r] (used in x.dtype), scale: the LoRA scale. All on one CUDA device.
+    code: float32 [16]. bias: [N] (any float dtype, added in fp32). xa: [M, r] and lora_B: [N, r]
+    (both used in x.dtype, products in fp32), scale: the LoRA scale. All on one CUDA device.
     Returns y [M, N] in x.dtype (fp32 W, products and sums); runs on the current stream.
     """
     y, args, keep = gemv_args(x, packed, absmax, code, blocksize, out_features, bias, nested_absmax=nested_absmax,
