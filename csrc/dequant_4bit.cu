@@ -14,6 +14,7 @@
 // (-DPK_HOST_EMULATION), which is how the indexing, the tails and the alignment
 // fallback are tested on machines without a GPU.
 #include "peft_kernels.h"
+#include "pk_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,15 +26,8 @@
 
 namespace {
 
-#define PK_HD __host__ __device__ __forceinline__
-
-#ifdef __CUDA_ARCH__
-#define PK_LDG(ptr) __ldg(ptr)
-#define PK_UNROLL _Pragma("unroll")
-#else
-#define PK_LDG(ptr) (*(ptr))
-#define PK_UNROLL
-#endif
+using pk_detail::ok;
+using pk_detail::set_error;
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
@@ -169,21 +163,6 @@ __global__ void __launch_bounds__(kThreads) dequant_bytes_kernel(Params p, const
 }
 
 // ------------------------------------------------------------- host side
-thread_local char g_error[512];
-
-int set_error(int code, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(g_error, sizeof(g_error), fmt, ap);
-  va_end(ap);
-  return code;
-}
-
-int ok() {
-  g_error[0] = '\0';
-  return PK_OK;
-}
-
 struct Plan {
   Params p;
   bool vec;
@@ -261,6 +240,26 @@ void emulate(const Plan& pl, const float* code16) {
 
 }  // namespace
 
+// The one per-thread error text of the library (pk_last_error), shared by every .cu file.
+namespace pk_detail {
+
+thread_local char g_error[512];
+
+int set_error(int code, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_error, sizeof(g_error), fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int ok() {
+  g_error[0] = '\0';
+  return PK_OK;
+}
+
+}  // namespace pk_detail
+
 extern "C" {
 
 PK_API int pk_dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code16, int64_t numel,
@@ -281,7 +280,7 @@ PK_API int pk_dequantize_4bit(const uint8_t* packed, const float* absmax, const 
   return ok();
 }
 
-PK_API const char* pk_last_error(void) { return g_error; }
+PK_API const char* pk_last_error(void) { return pk_detail::g_error; }
 
 PK_API int pk_version(void) { return PK_VERSION; }
 

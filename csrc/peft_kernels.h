@@ -36,7 +36,7 @@ extern "C" {
 
 /* Bumped on every incompatible change of this header; the Python loader refuses
  * a library whose pk_version() differs from the one it was written for. */
-#define PK_VERSION 1
+#define PK_VERSION 2
 
 /* Return codes. */
 #define PK_OK 0
@@ -45,6 +45,8 @@ extern "C" {
 #define PK_ERR_NUMEL 3          /* numel <= 0 */
 #define PK_ERR_DTYPE 4          /* out_dtype not one of PK_DTYPE_* */
 #define PK_ERR_CUDA 5           /* the CUDA runtime reported an error at launch */
+#define PK_ERR_SHAPE 6          /* a size argument is out of range (M, N, K, R) */
+#define PK_ERR_ALIGN 7          /* a pointer lacks the alignment the kernel's vector loads need */
 
 /* Output dtypes. */
 #define PK_DTYPE_F32 0
@@ -76,6 +78,44 @@ extern "C" {
 PK_API int pk_dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code16,
                               int64_t numel, int32_t blocksize, int32_t out_dtype, void* out,
                               void* stream);
+
+/*
+ * Fused 4-bit GEMV for decode (M <= 16 rows), with an optional bias and LoRA term:
+ *
+ *     y[m, n] = sum_k x[m, k] * W[n, k]  +  bias[n]  +  scale * sum_j xa[m, j] * lora_B[n, j]
+ *
+ * where W[n, k] = code16[q] * absmax_f32[(n*K + k) / blocksize] is element n*K + k of the
+ * blockwise 4-bit tensor (as in pk_dequantize_4bit; NF4 or FP4: the code book is an argument),
+ * formed in float32 and never rounded to x's dtype. Products and sums are float32; y is
+ * rounded once to x's dtype (round-to-nearest-even).
+ *
+ *   x          [M, K] of x_dtype, row-major, 16-byte aligned              device
+ *   x_dtype    PK_DTYPE_F32 / PK_DTYPE_F16 / PK_DTYPE_BF16 (also the dtype of y and lora_B)
+ *   M          1 <= M <= 16
+ *   N          >= 1 (any value)
+ *   K          >= 32, a multiple of 32 (each 16-byte load is 32 weights of one row inside one
+ *              quantization block); K need not be a multiple of blocksize (blocks may span rows)
+ *   packed     uint8 [N*K / 2], 16-byte aligned                            device
+ *   absmax     float32 [ceil(N*K / blocksize)]         when nested_absmax is NULL, else
+ *              uint8 codes [ceil(N*K / blocksize)]: absmax_f32[i] = nested_code[absmax[i]] *
+ *              nested_absmax[i / 256] + nested_offset (double quantization)          device
+ *   nested_absmax  float32 [ceil(nblocks / 256)] or NULL;  nested_code float32 [256] or NULL
+ *   code16     float32 [16]                                                device
+ *   blocksize  power of two in [32, 4096]
+ *   bias       float32 [N] or NULL                                         device
+ *   xa         [M, R] of x_dtype, row-major, or NULL (no LoRA term)        device
+ *   lora_B     [N, R] of x_dtype, row-major, or NULL (NULL exactly when xa is)       device
+ *   R          >= 1 with a LoRA term, else ignored;   scale: the LoRA scale
+ *   y          [M, N] of x_dtype, row-major; every element written exactly once     device
+ *   stream     cudaStream_t to enqueue on (NULL: the legacy default stream)
+ *
+ * Launch: 128-thread blocks, one warp per 2 output rows; each lane reads 16 bytes per row
+ * per step, so a warp reads 512 contiguous bytes of each of its rows per step.
+ */
+PK_API int pk_gemv_4bit(const void* x, int32_t x_dtype, int64_t M, int64_t N, int64_t K, const uint8_t* packed,
+                        const void* absmax, const float* nested_absmax, const float* nested_code,
+                        float nested_offset, const float* code16, int32_t blocksize, const float* bias,
+                        const void* xa, const void* lora_B, int64_t R, float scale, void* y, void* stream);
 
 /* Message describing the outcome of the last pk_* call on this thread: "" after
  * success. Valid until the next pk_* call on the same thread; never NULL. */

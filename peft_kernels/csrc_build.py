@@ -24,7 +24,7 @@ LIB_NAME = "libpeft_kernels_cuda.so"
 DEFAULT_ARCHS = ("80", "86", "89", "90")
 _ROOT = Path(__file__).resolve().parent.parent
 CSRC_DIR = _ROOT / "csrc"
-SOURCES = ("dequant_4bit.cu",)
+SOURCES = ("dequant_4bit.cu", "gemv_4bit.cu")
 PACKAGE_LIB_DIR = Path(__file__).resolve().parent / "_cuda"
 
 _COMMON_FLAGS = (
@@ -117,8 +117,8 @@ def build(out_dir: str | os.PathLike | None = None, archs=DEFAULT_ARCHS, verbose
 def build_emulator(out_dir: str | os.PathLike, verbose: bool = False) -> Path:
     """Test-only: the library built with ``-DPK_HOST_EMULATION`` (PTX only, fast).
 
-    It additionally exports ``pk_emulate_dequantize_4bit``, which runs the
-    kernels' per-thread code on the CPU over host pointers.
+    It additionally exports ``pk_emulate_dequantize_4bit`` and ``pk_emulate_gemv_4bit``, which run
+    the kernels' per-thread (per-lane) code on the CPU over host pointers.
     """
     flags = ["-DPK_HOST_EMULATION", "-gencode", "arch=compute_80,code=compute_80"]
     return _run_nvcc(flags, Path(out_dir) / "libpeft_kernels_cuda_emu.so", verbose)

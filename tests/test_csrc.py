@@ -32,7 +32,7 @@ from peft_kernels.quant import VALID_BLOCKSIZES, code4, quantize_4bit
 NVCC = csrc_build.nvcc_path()
 NO_NVCC = "nvcc not found: the CUDA C library cannot be compiled on this machine"
 ARCHS = ("80", "86", "89", "90")
-ABI_SYMBOLS = {"pk_dequantize_4bit", "pk_last_error", "pk_version"}
+ABI_SYMBOLS = {"pk_dequantize_4bit", "pk_gemv_4bit", "pk_last_error", "pk_version"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -168,6 +168,20 @@ def test_loads_without_gpu_and_validates_arguments(built_lib):
         assert text in lib.pk_last_error().decode(), lib.pk_last_error()
         with pytest.raises(RuntimeError, match=f"code {code}: .*{re.escape(text)}"):
             cuda_lib._raise_for(lib, "pk_dequantize_4bit", code)
+
+
+def test_release_gemv_validates_arguments(built_lib):
+    """pk_gemv_4bit of the sm_80/86/89/90 build rejects bad sizes before any CUDA call (tests/test_cuda_gemv.py
+    checks its arithmetic)."""
+    lib = _raw_lib(built_lib)
+    fake = 0x1000
+    args = [fake, 1, 1, 8, 64, fake, fake, None, None, 0.0, fake, 64, None, None, None, 0, 1.0, fake, None]
+    for i, bad, code, text in ((2, 17, 6, "M=17"), (4, 40, 6, "K=40"), (1, 5, 4, "x_dtype 5"),
+                               (5, fake + 1, 7, "16-byte aligned")):
+        call = list(args)
+        call[i] = bad
+        assert lib.pk_gemv_4bit(*call) == code, lib.pk_last_error()
+        assert text in lib.pk_last_error().decode()
 
 
 # ------------------------------------------------ (b) loader and wrappers on CPU

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from . import backend, reference
+from . import decode, decode_dispatch
 
 Tensor = torch.Tensor
 
@@ -136,6 +137,10 @@ def linear4bit_op(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, neste
         w = _dense_weight(which, packed, absmax, code, nested_absmax, nested_code, nested_offset, blocksize,
                           out_features * k, x.dtype)
         y = torch.nn.functional.linear(x2, w.view(out_features, k), None if bias is None else bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], out_features)
+    if which == "triton" and 1 <= x2.shape[0] <= decode_dispatch.MAX_M:  # decode: the per-shape kernel table
+        y = decode.gemv_4bit(x2.contiguous(), packed, absmax, code, nested_absmax, nested_code, nested_offset,
+                             blocksize, out_features, bias)
         return y.reshape(*x.shape[:-1], out_features)
     absmax_f = _absmax_f32(absmax, nested_absmax, nested_code, nested_offset)
     if which == "triton":

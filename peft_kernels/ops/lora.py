@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from . import backend, reference
+from . import backend, decode_dispatch, reference
 
 Tensor = torch.Tensor
 
@@ -86,9 +86,15 @@ class _QuantBase:
         self.stats = (absmax, nested_absmax, nested_code, nested_offset)
         self.which = backend.select(device, has_cpu_impl=True)
         self.triton = self.which == "triton"
-        self.absmax = reference.decode_absmax(absmax, nested_absmax, nested_code, nested_offset) \
-            if self.triton or self.which != "cpu" else None
+        self._absmax = None
         self._w: dict = {}
+
+    @property
+    def absmax(self) -> Tensor:
+        """float32 decoded scales, computed on first use (the CUDA C decode GEMV never needs them)."""
+        if self._absmax is None:
+            self._absmax = reference.decode_absmax(*self.stats)
+        return self._absmax
 
     def _dense(self, dtype: torch.dtype) -> Tensor:
         """Dequantized W [N, K] in ``dtype`` (non-Triton backends), cached for this call."""
@@ -109,6 +115,11 @@ class _QuantBase:
                         bias)
 
     def nt(self, x, xa_s, b, bias):
+        if self.triton and 1 <= x.shape[0] <= decode_dispatch.MAX_M:  # decode: the per-shape kernel table
+            from .decode import gemv_4bit
+            absmax, nabs, ncode, noff = self.stats
+            return gemv_4bit(x.contiguous(), self.packed, absmax, self.code, nabs, ncode, noff, self.blocksize,
+                             self.n, bias, xa_s, b, absmax_f=lambda: self.absmax)
         if self.triton:
             if xa_s is None:
                 from ..kernels.matmul4bit import matmul_4bit_nt
