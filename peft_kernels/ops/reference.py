@@ -128,3 +128,4 @@ def dora_weight_norm_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torc
 from .reference_adapter import *  # noqa: E402,F401,F403
 from .reference_bitfit import *  # noqa: E402,F401,F403
 from .reference_sparse import *  # noqa: E402,F401,F403
+from .reference_embedding import *  # noqa: E402,F401,F403
