@@ -164,13 +164,17 @@ def load_trainable_tokens(model: nn.Module, directory: Union[str, os.PathLike], 
     for m in (emb, head):
         if isinstance(m, TokenRows) and m.has_trainable_tokens:
             m.clear_trainable_tokens()
+    def row_dtype(t: torch.Tensor) -> torch.dtype:
+        # PEFT saves the rows in the dense table's dtype, float64 included: those train here in float32
+        return t.dtype if t.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
     try:
-        emb.set_trainable_tokens(indices, values=got[emb_name].float(), dtype=got[emb_name].dtype)
+        emb.set_trainable_tokens(indices, values=got[emb_name].float(), dtype=row_dtype(got[emb_name]))
         if tied and isinstance(head, Linear4bitHead):
             head.share_trainable_tokens(emb)
         elif head_name in got:
-            head.set_trainable_tokens(indices, values=got[head_name].float(), dtype=got[head_name].dtype)
-    except ValueError as e:
+            head.set_trainable_tokens(indices, values=got[head_name].float(), dtype=row_dtype(got[head_name]))
+    except (ValueError, TypeError) as e:
         raise AdapterLoadError(f"{directory}: {e}") from None
     params = [m.trainable_tokens_delta for m in {id(m): m for m in (emb, head) if isinstance(m, TokenRows)
                                                  and m.has_trainable_tokens}.values()]
