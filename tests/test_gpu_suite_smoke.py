@@ -122,7 +122,8 @@ def test_method_sections(dry_run):
     """Every method section (bench/gpu_sections/) ran: checked, timed rows beside their baseline."""
     res, _, out = dry_run
     baselines = {"bitfit": {"ours", "bnb", "lora_r16"}, "sparse": {"sampled", "dense+gather", "sparse", "lora_r64"},
-                 "adapter": {"fused", "unfused"}}
+                 "adapter": {"fused", "unfused"},
+                 "memory_switches": {"ours", "dense", "off", "on", "on+offload"}}
     assert set(res["methods"]) == set(baselines)
     for name, impls in baselines.items():
         rows = res["methods"][name]
@@ -131,4 +132,4 @@ def test_method_sections(dry_run):
         assert {r["impl"] for r in ok} >= impls, name
         assert all(r["ms"] > 0 and any(k.startswith("rel_err") for k in r) for r in ok), name
     table = (out / "gpu_suite.md").read_text()
-    assert "(g) " in table and "(h) " in table and "(i) " in table
+    assert "(g) " in table and "(h) " in table and "(i) " in table and "(l) " in table
