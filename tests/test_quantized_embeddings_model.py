@@ -138,3 +138,33 @@ def test_bad_flags_raise_clear_errors():
     quantize_model(model, quantize_embeddings=True)
     with pytest.raises(ValueError, match="already Embedding4bit"):
         quantize_model(model, quantize_embeddings=True, target_modules=["q_proj"])
+
+
+@pytest.mark.parametrize("emb,head", ((True, False), (False, True)))
+def test_save_load_round_trip_with_only_one_table_in_4bit(emb, head, tmp_path):
+    model = build("llama")
+    report = quantize_model(model, quantize_embeddings=emb, quantize_head=head)
+    assert (report.embeddings is not None) == emb and (report.head is not None) == head
+    save_quantized(model, tmp_path / "ckpt")
+    back = load_quantized(tmp_path / "ckpt")
+    assert isinstance(back.get_input_embeddings(), Embedding4bit) == emb
+    assert isinstance(back.get_output_embeddings(), Linear4bitHead) == head
+    sd_a, sd_b = model.state_dict(), back.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    ids = sample_ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
+
+
+def test_dense_checkpoint_quantizes_the_tables_on_load_like_quantize_model(tmp_path):
+    dense = build("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    back = load_quantized(tmp_path / "dense", quantize_embeddings=True, quantize_head=True)
+    model = build("llama")
+    quantize_model(model, quantize_embeddings=True, quantize_head=True)
+    sd_a, sd_b = model.state_dict(), back.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k

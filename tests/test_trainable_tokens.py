@@ -130,3 +130,10 @@ def test_bad_input_raises_clear_errors(tmp_path):
     (out / "adapter_config.json").write_text(json.dumps({**cfg, "token_indices": [1, 2, 3]}))
     with pytest.raises(AdapterLoadError, match=r"\[3, 64\]"):
         load_trainable_tokens(model, out)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+    t = load_file(out / "adapter_model.safetensors")
+    save_file({k.replace("embed_tokens", "norm"): v for k, v in t.items()}, out / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="model.norm.trainable_tokens_delta"):
+        load_trainable_tokens(model, out)
+    assert model.model.embed_tokens.trainable_token_indices.tolist() == [VOCAB, VOCAB + 1]  # unchanged
