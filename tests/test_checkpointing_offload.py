@@ -146,3 +146,13 @@ def test_cuda_offload_moves_checkpoints_to_pinned_memory_and_matches():
     assert rep.offloader.stats.offloaded_bytes == 2 * B * T * H * 4
     loss.backward()
     assert rep.offloader.stats.fetch_order == [1, 0]
+
+
+def test_cli_run_config_takes_offload_activations():
+    from peft_kernels.cli import ConfigError, build_parser, normalize_run_config
+    base = {"model": "m", "data": "d.jsonl", "output_dir": "o", "max_steps": 1}
+    run, _ = normalize_run_config({**base, "gradient_checkpointing": True, "offload_activations": True})
+    assert run["offload_activations"] is True
+    with pytest.raises(ConfigError, match="offload_activations must be true or false"):
+        normalize_run_config({**base, "offload_activations": "yes"})
+    assert build_parser().parse_args(["train", "--offload-activations"]).offload_activations is True
