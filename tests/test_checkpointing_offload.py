@@ -1,6 +1,6 @@
 """Decoder-layer gradient checkpointing (train/checkpointing.py) over LoRA on 4-bit layers: the recompute report,
 gradients and losses equal with it on and off, saved bytes counted exactly with saved_tensors_hooks, and the
-offload mechanics on CPU through CopyTransfer (the stash, prefetch order, bytes); the CUDA overlap is -m gpu."""
+offload mechanics on CPU through CopyTransfer (the stash, prefetch order, bytes); the CUDA path is in tests/test_gpu_memory_switches.py (-m gpu)."""
 from __future__ import annotations
 
 import pytest
@@ -131,21 +131,6 @@ def test_bad_input_and_cpu_offload_note():
     _, report = prepare(build("llama"), "lora", gradient_checkpointing=True, offload_activations=True)
     assert report.checkpointing is not None and not report.checkpointing.offload_active
     assert any("no-op" in n for n in report.checkpointing.notes)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_offload_moves_checkpoints_to_pinned_memory_and_matches():
-    ids = sample_ids(B, T).cuda()
-    model, _ = _model()
-    model.cuda()
-    rep = enable_checkpointing(model, offload=True, prefetch=1)
-    assert rep.offload_active
-    torch.manual_seed(5)
-    loss = model(ids, labels=ids).loss
-    assert rep.offloader.stats.offloaded_bytes == 2 * B * T * H * 4
-    loss.backward()
-    assert rep.offloader.stats.fetch_order == [1, 0]
 
 
 def test_cli_run_config_takes_offload_activations():
