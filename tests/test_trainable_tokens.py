@@ -72,17 +72,21 @@ def test_only_the_chosen_rows_get_gradients(tied):
         assert torch.equal(model(ids).logits, before)
 
 
-def test_our_file_loads_in_peft_with_the_same_logits(tmp_path):
-    model, dense = _models(tied=False)
-    add_trainable_tokens(model, token_ids=[VOCAB, VOCAB + 1], train_head=False)
+@pytest.mark.parametrize("tied", (False, True))
+def test_our_file_loads_in_peft_with_the_same_logits(tied, tmp_path):
+    model, dense = _models(tied)
+    add_trainable_tokens(model, token_ids=[VOCAB, VOCAB + 1], train_head=False)  # a tied head shares them
     with torch.no_grad():
         model.model.embed_tokens.trainable_tokens_delta.add_(torch.randn(2, 64))
     out = save_trainable_tokens(model, tmp_path / "tok")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "TRAINABLE_TOKENS" and cfg["token_indices"] == [VOCAB, VOCAB + 1]
     from safetensors.torch import load_file
-    assert list(load_file(out / "adapter_model.safetensors")) == [
-        "base_model.model.model.embed_tokens.trainable_tokens_delta"]
+    # a tied head's key holds the embedding's rows, as PEFT writes it
+    assert sorted(load_file(out / "adapter_model.safetensors")) == sorted(
+        ["base_model.model.model.embed_tokens.trainable_tokens_delta"]
+        + (["base_model.model.lm_head.trainable_tokens_delta"] if tied else []))
+    assert cfg["target_modules"] == "model.embed_tokens"
     pm = peft.PeftModel.from_pretrained(dense, str(out))
     ids = _ids()
     with torch.no_grad():
