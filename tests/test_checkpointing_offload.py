@@ -12,6 +12,7 @@ from peft_kernels.train.checkpointing import ActivationOffloader, CopyTransfer, 
 
 from _tiny_models import build, sample_ids
 from _tolerance import assert_close_to_reference
+from _weights import weight64
 
 B, T, H, LAYERS = 2, 12, 64, 3
 
@@ -99,8 +100,12 @@ def test_offload_mechanics_with_a_copy_transfer():
 def test_training_steps_are_identical_with_every_switch():
     ids = sample_ids(B, T)
 
-    def losses(**kw):
+    def losses(dense_from=None, **kw):
         model, _ = _model(**kw)
+        if dense_from is not None:  # 4-bit tables off: dense tables holding the 4-bit ones' values
+            with torch.no_grad():
+                for name in ("model.embed_tokens", "lm_head"):
+                    model.get_submodule(name).weight.copy_(weight64(dense_from.get_submodule(name)).float())
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         out = []
         torch.manual_seed(11)
@@ -114,6 +119,7 @@ def test_training_steps_are_identical_with_every_switch():
 
     ref = losses(tables=True)
     assert ref[-1] < ref[0]
+    assert_close_to_reference(losses(dense_from=_model(tables=True)[0]), ref, torch.float32, "dense tables")
     for kw in (dict(tables=True, ckpt=True),
                dict(tables=True, ckpt=True, offloader=ActivationOffloader(0, transfer=CopyTransfer()))):
         assert_close_to_reference(losses(**kw), ref, torch.float32, f"losses {kw}")
