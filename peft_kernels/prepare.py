@@ -13,7 +13,9 @@ Steps, in this order:
 2. The method(s), in the order given (prompt/prefix tuning wrap the model, so they must come last).
    Each method's ``apply`` freezes what it does not train; composed methods train the union of what
    each one trains.
-3. Gradient checkpointing (transformers' non-reentrant checkpointing of every decoder layer).
+3. Gradient checkpointing of every decoder layer (``train/checkpointing.py``: transformers' non-reentrant
+   checkpointing with the engine's checkpoint function, RNG state preserved), optionally with the checkpoints
+   offloaded to pinned CPU memory (``offload_activations=True``, CUDA).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from .quant.model import tensor_bytes
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "sgd")
 #: keys a ``quantize`` dict may hold (the keyword arguments of quantize_model)
-QUANTIZE_KEYS = ("quant_type", "blocksize", "double_quant", "compute_dtype", "skip_modules", "target_modules")
+QUANTIZE_KEYS = ("quant_type", "blocksize", "double_quant", "compute_dtype", "skip_modules", "target_modules",
+                 "quantize_embeddings", "quantize_head")
 _WRAPPING = ("prompt_tuning", "prefix_tuning")
 
 
@@ -50,6 +53,8 @@ class PrepareReport:
     gradient_checkpointing: bool = False
     precision: str = "fp32"
     notes: list[str] = field(default_factory=list)
+    offload_activations: bool = False
+    checkpointing: Any = None               # train.checkpointing.CheckpointReport when checkpointing is on
 
     @property
     def trainable_percent(self) -> float:
@@ -61,12 +66,15 @@ class PrepareReport:
             f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
             f"trainable%: {self.trainable_percent:.4f}",
             f"methods: {', '.join(self.methods) or 'full fine-tuning'}; "
-            f"{len(self.quantized_layers)} linear layers in 4-bit; gradient checkpointing "
-            f"{'on' if self.gradient_checkpointing else 'off'}; precision {self.precision}",
+            f"{len(self.quantized_layers)} layers in 4-bit; gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'}"
+            f"{' with activation offload' if self.offload_activations else ''}; precision {self.precision}",
             f"model: {self.model_bytes / mib:,.2f} MiB, {self.bits_per_parameter:.2f} bits per parameter",
         ]
         if self.estimate is not None:
             lines.append(str(self.estimate))
+        if self.checkpointing is not None:
+            lines.append(str(self.checkpointing))
         lines += self.notes
         return "\n".join(lines)
 
@@ -170,7 +178,8 @@ def _weight_dtype(model: nn.Module) -> Optional[str]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     w = getattr(emb, "weight", None)
     names = {v: k for k, v in PRECISIONS.items()}
-    return names.get(getattr(w, "dtype", None))
+    # A 4-bit table (Embedding4bit) holds packed bytes: the dtype it was quantized from is the model's.
+    return names.get(getattr(emb, "weight_dtype", None) or getattr(w, "dtype", None))
 
 
 def _device_type(model: nn.Module) -> str:
@@ -193,8 +202,8 @@ def _check_targets(model: nn.Module, cfgs: Sequence) -> None:
 
 # ================================================================== prepare
 def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = False, gradient_checkpointing: bool = False,
-            seq_len: int = 512, batch_size: int = 1, precision: str = "fp32", optimizer: str = "adamw"
-            ) -> tuple[nn.Module, PrepareReport]:
+            offload_activations: bool = False, seq_len: int = 512, batch_size: int = 1, precision: str = "fp32",
+            optimizer: str = "adamw") -> tuple[nn.Module, PrepareReport]:
     """Quantize, apply the method(s), enable gradient checkpointing; returns ``(model_to_train, report)``.
 
     Args:
@@ -202,8 +211,11 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
         method: None (full fine-tuning: every parameter trains), a method config (``LoraConfig``...), a
             method name (``"lora"``, defaults), a dict ``{"method": "lora", "r": 16, ...}``, or a list of
             those applied in order.
-        quantize: True (NF4, blocksize 64, double quantization) or a dict of ``quantize_model`` settings.
-        gradient_checkpointing: recompute each decoder layer in backward (non-reentrant).
+        quantize: True (NF4, blocksize 64, double quantization) or a dict of ``quantize_model`` settings
+            (``quantize_embeddings`` / ``quantize_head`` put the input table and the LM head in 4-bit too).
+        gradient_checkpointing: recompute each decoder layer in backward (non-reentrant, ``train/checkpointing``).
+        offload_activations: with gradient checkpointing, keep each layer's checkpoint (its input hidden states)
+            in pinned CPU memory, copied on a side stream and prefetched back (CUDA; a no-op with a note on CPU).
         seq_len, batch_size, precision ("fp32" | "bf16" | "fp16": the compute dtype; a 16-bit precision over
             an fp32 model is autocast mixed precision, as the Trainer runs it), optimizer: for the memory
             estimate, which also reads the model's weight dtype and device.
@@ -222,6 +234,11 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
     _check_int("batch_size", batch_size)
     if not isinstance(gradient_checkpointing, bool):
         raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+    if not isinstance(offload_activations, bool):
+        raise ValueError(f"offload_activations must be True or False, got {offload_activations!r}")
+    if offload_activations and not gradient_checkpointing:
+        raise ValueError("offload_activations=True offloads the checkpoints of gradient checkpointing; "
+                         "set gradient_checkpointing=True too")
     cfgs = _as_configs(method)
     names = [registry.method_name(c) for c in cfgs]
     qset = _quant_settings(quantize, precision)
@@ -250,7 +267,9 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
         else:
             from .quant.model import DEFAULT_SKIP, quantize_model
             qargs = dict(qset)
-            skip = list(qargs.pop("skip_modules", None) or DEFAULT_SKIP) + _keep_dense(cfgs)
+            # quantize_head converts the head itself: the default skip of "lm_head" must not name it then
+            default_skip = () if qargs.get("quantize_head") else DEFAULT_SKIP
+            skip = list(qargs.pop("skip_modules", None) or default_skip) + _keep_dense(cfgs)
             qreport = quantize_model(model, skip_modules=skip, **qargs)
             quantized = list(qreport.replaced)
 
@@ -280,13 +299,13 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
 
     # 3. gradient checkpointing
     base = registry.inner_model(model)
+    ckpt_report = None
     if gradient_checkpointing:
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name; the old one warns
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(base, "config", None) is not None and hasattr(base.config, "use_cache"):
-            base.config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+        from .train.checkpointing import enable_checkpointing
+        ckpt_report = enable_checkpointing(base, offload=offload_activations)
+        if offload_activations and ckpt_report.offload_active:
+            notes.append("memory estimate: activation offload is not modelled yet (the estimate keeps every "
+                         "checkpoint on the device)")
 
     trainable, total = trainable_parameters(model)
     nbytes = tensor_bytes(model)
@@ -303,7 +322,8 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
             notes.append(f"no memory estimate: {e}")
     return model, PrepareReport(trainable=trainable, total=total, bits_per_parameter=8 * nbytes / max(total, 1),
                                 methods=names, estimate=estimate, model_bytes=nbytes, quantized_layers=quantized,
-                                gradient_checkpointing=gradient_checkpointing, precision=precision, notes=notes)
+                                gradient_checkpointing=gradient_checkpointing, precision=precision, notes=notes,
+                                offload_activations=offload_activations, checkpointing=ckpt_report)
 
 
 __all__ = ["prepare", "PrepareReport", "PRECISIONS", "OPTIMIZERS", "QUANTIZE_KEYS"]

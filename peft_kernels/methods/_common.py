@@ -7,12 +7,13 @@ write lives here.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from typing import Iterable, Optional
 
 from torch import nn
 
-from ..nn.linear4bit import Linear4bit
+from ..nn._quant_weight import QuantizedWeight
 
 #: Attribute paths of the repeated transformer blocks, most specific first (checked in order).
 LAYER_STACK_PATHS = (
@@ -94,8 +95,8 @@ def disabled(model: nn.Module, modules: Iterable):
 
 
 def _logical_numel(model: nn.Module) -> dict[int, int]:
-    """id(packed 4-bit weight) -> number of weights it stores (2 per byte)."""
-    return {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit)}
+    """id(packed 4-bit weight) -> number of weights it stores (2 per byte): Linear4bit, Embedding4bit."""
+    return {id(m.weight): math.prod(m._quant_shape()) for m in model.modules() if isinstance(m, QuantizedWeight)}
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

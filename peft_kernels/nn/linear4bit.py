@@ -16,15 +16,12 @@ import torch
 from torch import nn
 
 from .._checks import FLOAT_DTYPES
-from ..ops.functional import dequantize, linear_4bit
-from ..quant.codes import NESTED_BLOCKSIZE, code4, dynamic_map
-from ..quant.quantize import quantize_4bit
-from ..quant.state import NestedStats, QuantState, check_blocksize
-
-_STAT_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+from ..ops.functional import linear_4bit
+from ..quant.state import NestedStats, QuantState
+from ._quant_weight import QuantizedWeight
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(QuantizedWeight, nn.Module):
     """``y = x W^T + b`` with W [out_features, in_features] frozen in 4-bit.
 
     Args:
@@ -45,69 +42,17 @@ class Linear4bit(nn.Module):
                  blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                  device=None, dtype: torch.dtype | None = None):
         super().__init__()
-        check_blocksize(blocksize)
-        code4(quant_type)  # validates quant_type
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         self.in_features, self.out_features = in_features, out_features
-        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype = compute_dtype
-        self.weight_dtype = dtype or torch.get_default_dtype()
-        numel = in_features * out_features
-        nblocks = -(-numel // blocksize)
-        self.weight = nn.Parameter(torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device),
-                                   requires_grad=False)
-        self.register_buffer("absmax", torch.zeros(nblocks, dtype=torch.uint8 if double_quant else torch.float32,
-                                                   device=device), persistent=False)
-        self.register_buffer("quant_map", code4(quant_type, device or "cpu").clone(), persistent=False)
-        if double_quant:
-            self.register_buffer("nested_absmax", torch.zeros(-(-nblocks // NESTED_BLOCKSIZE), device=device),
-                                 persistent=False)
-            self.register_buffer("nested_quant_map", dynamic_map(device or "cpu").clone(), persistent=False)
-        else:
-            self.register_buffer("nested_absmax", None, persistent=False)
-            self.register_buffer("nested_quant_map", None, persistent=False)
-        self.nested_offset = 0.0
+        self._init_quantized_weight(quant_type, blocksize, double_quant, device, dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.weight_dtype)) if bias else None
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
-    # ----------------------------------------------------------- quant state
-    @property
-    def quant_state(self) -> QuantState:
-        """The QuantState over this layer's buffers (no copies)."""
-        nested = None
-        if self.nested_absmax is not None:
-            nested = NestedStats(absmax=self.nested_absmax, code=self.nested_quant_map, offset=self.nested_offset)
-        return QuantState(quant_type=self.quant_type, blocksize=self.blocksize,
-                          shape=torch.Size((self.out_features, self.in_features)), dtype=self.weight_dtype,
-                          absmax=self.absmax, code=self.quant_map, nested=nested)
-
-    def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
-        """Adopt already-quantized bytes and their state (no requantization, no copy)."""
-        if tuple(state.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"quant state is for a {tuple(state.shape)} weight but this layer is "
-                             f"[{self.out_features}, {self.in_features}]")
-        state.validate(packed)
-        self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
-        self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
-        self.absmax, self.quant_map = state.absmax, state.code
-        if state.nested is None:
-            self.nested_absmax = self.nested_quant_map = None
-            self.nested_offset, self.double_quant = 0.0, False
-        else:
-            self.nested_absmax, self.nested_quant_map = state.nested.absmax, state.nested.code
-            self.nested_offset, self.double_quant = float(state.nested.offset), True
-
-    def quantize_(self, weight: torch.Tensor) -> None:
-        """Quantize a dense ``weight`` [out_features, in_features] into this layer (in place)."""
-        if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected "
-                             f"[{self.out_features}, {self.in_features}]")
-        device = weight.device if self.weight.device.type == "meta" else self.weight.device
-        packed, state = quantize_4bit(weight.detach().to(device), self.blocksize, self.quant_type,
-                                      self.double_quant)
-        self.set_quantized(packed, state)
+    def _quant_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation, then quantization."""
@@ -179,31 +124,9 @@ class Linear4bit(nn.Module):
             layer.bias = nn.Parameter(bias.clone())
         return layer
 
-    def _apply(self, fn, recurse=True):
-        # Module.to(dtype)/.half() must not cast the block statistics: absmax and
-        # code books stay float32 (that is the format). Device moves still apply.
-        stats = {name: getattr(self, name) for name in _STAT_KEYS}
-        probe = fn(torch.zeros((), dtype=self.weight_dtype, device=self.weight.device))
-        super()._apply(fn, recurse)
-        for name, before in stats.items():
-            after = getattr(self, name)
-            if before is not None and after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        if probe.dtype in FLOAT_DTYPES:
-            self.weight_dtype = probe.dtype
-        return self
-
     # ----------------------------------------------------------------- use
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight [out_features, in_features] (default dtype: the one it was quantized from)."""
-        return dequantize(self.weight, self.quant_state, dtype)
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """Storage bits per weight element: packed codes plus all block statistics (bias excluded)."""
-        qs = self.quant_state
-        return 8 * (self.weight.numel() + qs.storage_bytes()) / qs.numel
-
+    # quant_state, set_quantized, quantize_, dequantize, bits_per_parameter, the state-dict keys and the
+    # dtype-preserving _apply come from QuantizedWeight.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"Linear4bit input must be a float32/float16/bfloat16 tensor, got "
@@ -223,34 +146,6 @@ class Linear4bit(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"compute_dtype={self.compute_dtype}")
-
-    # ----------------------------------------------------------- state dict
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, t in self.quant_state.to_checkpoint(self.weight, prefix + "weight").items():
-            if key != prefix + "weight":
-                destination[key] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        wkey = prefix + "weight"
-        sub = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
-        if wkey in sub:
-            try:
-                if len(sub) == 1 and sub[wkey].dtype in FLOAT_DTYPES:
-                    self.quantize_(sub[wkey])  # a dense checkpoint: quantize on load
-                else:
-                    packed, state = QuantState.from_checkpoint(sub, wkey)
-                    device = self.weight.device if self.weight.device.type != "meta" else packed.device
-                    self.set_quantized(packed.to(device), state.to(device))
-            except (ValueError, TypeError) as e:
-                error_msgs.append(f"while loading {wkey}: {e}")
-                return
-            rest = {k: v for k, v in state_dict.items() if k not in sub}
-            rest[wkey] = self.weight  # already adopted; lets the base class see the key as consumed
-            state_dict = rest
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
 
 def _dense_weight_and_bias(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -61,3 +61,38 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     check_same_device(x=x, packed_weight=packed, bias=bias)
     absmax, code, nabs, ncode, noff = _state_args(state)
     return linear4bit_op(x, packed, absmax, code, nabs, ncode, noff, state.blocksize, n_out, bias)
+
+
+#: Integer dtypes accepted as token ids (int32 is widened to int64 for the lookup).
+ID_DTYPES = (torch.int64, torch.int32)
+
+
+def embedding_4bit(ids: torch.Tensor, packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids`` of the 4-bit table W [V, H]: ids (int64/int32, any shape) -> ``[*ids.shape, H]`` in ``dtype``.
+
+    Raises TypeError for non-integer ids or an unsupported dtype, ValueError for ids outside [0, V) (naming
+    the first bad id), a table that is not 2-D, or tensors on different devices. The range check reads the ids
+    once (a device sync on CUDA, as a clear error instead of a device-side assert); it is skipped while
+    torch.compile traces.
+    """
+    _check_weight(packed, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"embedding_4bit needs a 2-D table, the quant state has shape {tuple(state.shape)}")
+    vocab, dim = state.shape
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in ID_DTYPES:
+        raise TypeError(f"token ids must be an int64 (or int32) tensor, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embedding_4bit dtype must be one of float32/float16/bfloat16, got {dtype}")
+    check_same_device(ids=ids, packed_weight=packed)
+    if ids.dtype != torch.int64:
+        ids = ids.long()
+    if ids.numel() and not torch.compiler.is_compiling():
+        bad = (ids < 0) | (ids >= vocab)
+        if bool(bad.any()):
+            first = int(ids[bad].reshape(-1)[0])
+            raise ValueError(f"token id {first} is out of range for an embedding table of {vocab} rows "
+                             f"(ids must be in [0, {vocab}); {int(bad.sum())} of {ids.numel()} ids are outside)")
+    from .embedding4bit import embedding4bit_op
+    absmax, code, nabs, ncode, noff = _state_args(state)
+    return embedding4bit_op(ids, packed, absmax, code, nabs, ncode, noff, state.blocksize, dim, dtype)

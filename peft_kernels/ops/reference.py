@@ -129,3 +129,4 @@ from .reference_adapter import *  # noqa: E402,F401,F403
 from .reference_bitfit import *  # noqa: E402,F401,F403
 from .reference_ce import *  # noqa: E402,F401,F403
 from .reference_sparse import *  # noqa: E402,F401,F403
+from .reference_embedding import *  # noqa: E402,F401,F403

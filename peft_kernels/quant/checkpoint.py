@@ -10,6 +10,11 @@ On disk (what ``transformers`` writes for a bitsandbytes 4-bit model)::
 Each 4-bit linear ``L`` has the keys ``L.weight`` (uint8 [(N*K+1)//2, 1]), ``L.weight.absmax``,
 ``L.weight.quant_map``, [``L.weight.nested_absmax``, ``L.weight.nested_quant_map``] and
 ``L.weight.quant_state.bitsandbytes__nf4`` (JSON in a uint8 tensor); everything else is stored dense.
+A 4-bit input embedding (``Embedding4bit``) is stored under the same keys (its [V, H] table); a 4-bit head
+tied to it is not stored at all (transformers drops tie targets, and the head reads the embedding's
+bytes), and trainable token rows are stored as ``<module>.trainable_token_indices`` (int64 [n]) and
+``<module>.trainable_tokens_delta`` ([n, H]). transformers itself has no 4-bit embedding: such checkpoints
+load with :func:`load_quantized` only.
 
 Only safetensors and JSON are ever read; pickle-based files (.bin, .pt, ...) are refused.
 """
@@ -34,9 +39,12 @@ from torch import nn
 
 from ..io.atomic import fsync_dir as _fsync_dir, fsync_file as _fsync_file, publish_directory
 from ..io.atomic import rename_exchange as _rename_exchange
+from ..nn._quant_weight import QuantizedWeight
+from ..nn.embedding4bit import Embedding4bit
 from ..nn.linear4bit import Linear4bit
-from .model import (DEFAULT_SKIP, _Default, _tied_weight_ids, describe_quantization, is_quantizable_linear,
-                    linear_shape, record_quantization_config, select_linears)
+from ..nn.trainable_tokens import Linear4bitHead, TokenRows
+from .model import (DEFAULT_SKIP, _Default, _table_and_head, _tied_weight_ids, describe_quantization,
+                    is_quantizable_linear, linear_shape, record_quantization_config, select_linears)
 from .quantize import quantize_4bit
 from .state import QuantState, parse_dtype
 
@@ -133,7 +141,10 @@ def _checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if ident not in seen:
             seen.add(ident)
             keep.add(key)
-    return {k: v for k, v in state.items() if k in keep}
+    # A tied 4-bit weight dropped as an alias takes its statistics along: its quant-state JSON is a fresh
+    # tensor each time (so not deduplicated above) and would describe a weight the file does not hold.
+    dropped = {k for k in state if k not in keep and k.endswith(".weight")}
+    return {k: v for k, v in state.items() if k in keep and not any(k.startswith(d + ".") for d in dropped)}
 
 
 def _group_of(key: str) -> str:
@@ -405,8 +416,16 @@ class _StreamLoader:
         ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()
         self.ignore = [re.compile(p) for p in ignore]
         self.unexpected: list[str] = []
+        self.rows: dict[str, dict[str, torch.Tensor]] = {}  # module -> trainable token rows, set in finish()
+        self.tied_head: tuple[str, str] | None = None  # (head, embedding): the head shares the 4-bit table
 
     def take(self, key: str, t: torch.Tensor, path: Path) -> None:
+        mod_name, _, attr = key.rpartition(".")
+        if attr in _ROW_KEYS and isinstance(self.modules.get(mod_name), TokenRows):
+            self.rows.setdefault(mod_name, {})[attr] = t.to(self.device, copy=True)
+            return
+        if self.tied_head is not None and mod_name == self.tied_head[0] and attr == "weight":
+            return  # a dense copy of the tied table (some checkpoints store both): the head shares the 4-bit one
         m = _QUANT_KEY.match(key)
         if m and m["mod"] in self.prequantized:
             self._stash_4bit(m["mod"], key, t, path)
@@ -429,9 +448,9 @@ class _StreamLoader:
                 raise CheckpointError(f"corrupt or mismatched 4-bit weight {wkey} in {path.name}: {e}") from None
 
     def _quantize_dense(self, mod: str, key: str, t: torch.Tensor, path: Path) -> None:
-        layer: Linear4bit = self.modules[mod]
-        want = (layer.in_features, layer.out_features) if mod in self.conv1d else (layer.out_features,
-                                                                                  layer.in_features)
+        layer: QuantizedWeight = self.modules[mod]
+        rows, cols = layer._quant_shape()
+        want = (cols, rows) if mod in self.conv1d else (rows, cols)
         if tuple(t.shape) != want:
             hint = " (it looks like packed 4-bit bytes without their quant_state)" if t.dtype == torch.uint8 else ""
             raise CheckpointError(f"tensor {key} in {path.name} has shape {tuple(t.shape)} but "
@@ -475,7 +494,28 @@ class _StreamLoader:
             module._buffers[attr] = new
 
     # ---------------------------------------------------------------- finish
+    def _finish_tables(self) -> None:
+        """Trainable token rows onto their modules; a tied 4-bit head onto the embedding's tensors."""
+        for mod, got in self.rows.items():
+            if set(got) != set(_ROW_KEYS):
+                raise CheckpointError(f"{mod}: the checkpoint holds {sorted(got)} but trainable token rows need both "
+                                      f"{list(_ROW_KEYS)}")
+            delta = got["trainable_tokens_delta"]
+            try:
+                self.modules[mod].set_trainable_tokens(got["trainable_token_indices"], values=delta.float(),
+                                                       dtype=delta.dtype)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{mod}: bad trainable token rows: {e}") from None
+        if self.tied_head is not None:
+            head, emb = (self.modules[n] for n in self.tied_head)
+            if emb.weight.is_meta:
+                raise CheckpointError(f"the checkpoint lacks the 4-bit table {self.tied_head[1]}.weight")
+            head.share_quantized_weight(emb)
+            if emb.has_trainable_tokens and not head.has_trainable_tokens:
+                head.share_trainable_tokens(emb)
+
     def finish(self) -> None:
+        self._finish_tables()
         if self.unexpected:
             msg = (f"{len(self.unexpected)} checkpoint tensors have no place in {type(self.model).__name__} "
                    f"and were not loaded: {self.unexpected[:8]}")
@@ -497,6 +537,10 @@ class _StreamLoader:
             raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors that {type(self.model).__name__} "
                                   f"needs: {missing[:8]}")
         _init_non_persistent_buffers(self.model, self.device)
+
+
+#: State-dict attributes of trainable token rows (nn/trainable_tokens.py).
+_ROW_KEYS = ("trainable_token_indices", "trainable_tokens_delta")
 
 
 def _persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -531,16 +575,42 @@ def _init_non_persistent_buffers(model: nn.Module, device: torch.device) -> None
     model.initialize_weights()
 
 
-def _plan_linears(model: nn.Module, ckpt: _Checkpoint, skip_modules, target_modules
-                  ) -> tuple[dict[str, str], set[str]]:
-    """(4-bit weights stored in the checkpoint: module -> quant-state key, dense linears to quantize)."""
+@dataclass
+class _Plan:
+    """What becomes 4-bit on load, and how."""
+
+    prequantized: dict[str, str]        # module -> quant-state key, for every 4-bit weight stored
+    dense_targets: set[str]             # dense weights to quantize on arrival (linears, the embedding, the head)
+    embeddings: str | None = None       # the input embedding becomes Embedding4bit
+    head: str | None = None             # the output head becomes Linear4bitHead
+    tied: bool = False                  # ... sharing the embedding's table
+
+
+def _plan_quantization(model: nn.Module, ckpt: _Checkpoint, skip_modules, target_modules, quantize_embeddings,
+                       quantize_head) -> _Plan:
+    """The :class:`_Plan` of a checkpoint: a 4-bit one decides itself; a dense one follows the arguments."""
     prequantized = ckpt.quantized_modules
     if not prequantized:
-        return {}, set(select_linears(model, skip_modules, target_modules).targets)
+        emb, head, tied = _table_and_head(model, bool(quantize_embeddings), bool(quantize_head))
+        handled = {head: "quantize_head"} if head else {}
+        targets = set(select_linears(model, skip_modules, target_modules, handled=handled).targets)
+        targets |= {n for n in (emb, None if tied else head) if n}
+        return _Plan({}, targets, emb, head, bool(tied and emb))
+    if quantize_embeddings is not None or quantize_head is not None:
+        raise ValueError("the checkpoint is already 4-bit and decides which tables are 4-bit; quantize_embeddings "
+                         "and quantize_head apply to dense checkpoints only")
     modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb_mod = get_in() if callable(get_in) else None
+    head_mod = get_out() if callable(get_out) else None
+    plan = _Plan(prequantized, set())
     tied = _tied_weight_ids(model)
     for mod, key in prequantized.items():
         module = modules.get(mod)
+        if module is not None and module is emb_mod and isinstance(module, nn.Embedding):
+            plan.embeddings = mod
+            continue
         if module is None or not is_quantizable_linear(module):
             what = "no such module" if module is None else f"a {type(module).__name__}, not a linear layer"
             raise CheckpointError(f"checkpoint tensor {key} holds a 4-bit weight for {mod}, but in "
@@ -548,7 +618,11 @@ def _plan_linears(model: nn.Module, ckpt: _Checkpoint, skip_modules, target_modu
         if id(module.weight) in tied:
             raise CheckpointError(f"the checkpoint stores {mod}.weight in 4-bit, but the model ties it to another "
                                   f"module; load it with a config that has tie_word_embeddings=False")
-    return prequantized, set()
+        if module is head_mod:
+            plan.head = mod
+    if plan.embeddings is not None and head_mod is not None and head_mod.weight is emb_mod.weight:
+        plan.head, plan.tied = names[id(head_mod)], True  # stored once, as the embedding
+    return plan
 
 
 def load_quantized(source: str | os.PathLike | Sequence[str | os.PathLike], *, model_cls=None, config=None,
@@ -556,6 +630,7 @@ def load_quantized(source: str | os.PathLike | Sequence[str | os.PathLike], *, m
                    skip_modules: str | Iterable[str] | None = _Default(DEFAULT_SKIP),
                    target_modules: str | Iterable[str] | None = None, quant_type: str | None = None,
                    blocksize: int | None = None, double_quant: bool | None = None,
+                   quantize_embeddings: bool | None = None, quantize_head: bool | None = None,
                    device: str | torch.device = "cpu", strict: bool = False) -> nn.Module:
     """Build a model from a safetensors checkpoint with its linear layers in 4-bit, streaming.
 
@@ -571,7 +646,11 @@ def load_quantized(source: str | os.PathLike | Sequence[str | os.PathLike], *, m
     * a dense linear weight is quantized on arrival (``quant_type``/``blocksize``/``double_quant``,
       defaults nf4/64/True; layers chosen by ``skip_modules``/``target_modules`` as in
       :func:`quantize_model`), so at most one layer's 16-bit weight is alive at a time;
-    * anything else (embeddings, norms, biases, a dense lm_head) is copied in, cast to the model dtype.
+    * anything else (embeddings, norms, biases, a dense lm_head) is copied in, cast to the model dtype;
+    * a 4-bit input embedding becomes an :class:`~peft_kernels.nn.Embedding4bit` and a 4-bit head a
+      :class:`~peft_kernels.nn.Linear4bitHead`; a head tied to a 4-bit embedding shares its tensors, and
+      stored trainable token rows are put back. For a dense checkpoint ``quantize_embeddings`` /
+      ``quantize_head`` quantize the tables on arrival as :func:`quantize_model` does.
 
     Tied weights are re-tied and non-persistent buffers (rotary ``inv_freq``...) recomputed. A
     checkpoint of the base model loads into a model with a head and vice versa (``base_model_prefix``);
@@ -593,16 +672,21 @@ def load_quantized(source: str | os.PathLike | Sequence[str | os.PathLike], *, m
 
     model = _meta_skeleton(model_cls, config, dtype)
     ckpt.match_prefix(model)
-    prequantized, dense_targets = _plan_linears(model, ckpt, skip_modules, target_modules)
+    plan = _plan_quantization(model, ckpt, skip_modules, target_modules, quantize_embeddings, quantize_head)
+    prequantized, dense_targets = plan.prequantized, plan.dense_targets
     if prequantized and (target_modules is not None
                          or (skip_modules is not None and not isinstance(skip_modules, _Default))):
         raise ValueError("the checkpoint is already 4-bit and decides which layers are 4-bit; skip_modules and "
                          "target_modules apply to dense checkpoints only")
-    conv1d = _install_shells(model, list(prequantized) + sorted(dense_targets), compute_dtype,
-                             quant_type=quant_type or "nf4", blocksize=blocksize or 64,
-                             double_quant=True if double_quant is None else double_quant)
+    shells = list(prequantized) + sorted(dense_targets)
+    if plan.tied:
+        shells.append(plan.head)
+    conv1d = _install_shells(model, shells, compute_dtype, tables=plan, quant_type=quant_type or "nf4",
+                             blocksize=blocksize or 64, double_quant=True if double_quant is None else double_quant)
 
     loader = _StreamLoader(model, ckpt, prequantized, dense_targets, conv1d, device, strict)
+    if plan.tied:
+        loader.tied_head = (plan.head, plan.embeddings)
     for path in ckpt.files:
         for key, t in _iter_tensors(path, ckpt.keys[path], ckpt.nbytes):
             loader.take(ckpt.model_name(key), t, path)
@@ -630,16 +714,31 @@ def _stored_quantization_config(config, ckpt: _Checkpoint) -> dict | None:
     return qcfg if isinstance(qcfg, dict) else None
 
 
-def _install_shells(model: nn.Module, names: list[str], compute_dtype, **quant) -> set[str]:
-    """Replace the named meta linears by empty meta Linear4bit layers; returns the names that were Conv1D."""
+def _install_shells(model: nn.Module, names: list[str], compute_dtype, tables: _Plan | None = None,
+                    **quant) -> set[str]:
+    """Replace the named meta linears by empty meta Linear4bit layers (the input embedding by an Embedding4bit,
+    the output head by a Linear4bitHead, as ``tables`` says); returns the names that were Conv1D."""
     conv1d = set()
     for name in names:
         old = model.get_submodule(name)
+        if tables is not None and name == tables.embeddings:
+            scale = getattr(old, "embed_scale", None) if type(old) is not nn.Embedding else None
+            if isinstance(scale, torch.Tensor):
+                # A buffer of the skeleton, still on the meta device: its value is not known here.
+                raise CheckpointError(f"{name} is a {type(old).__name__} with an embed_scale buffer: a 4-bit copy "
+                                      f"of it cannot be loaded by streaming yet (quantize it with quantize_model "
+                                      f"after loading the dense model)")
+            shell = Embedding4bit(old.num_embeddings, old.embedding_dim, old.padding_idx, **quant,
+                                  compute_dtype=compute_dtype, embed_scale=scale, device="meta", dtype=old.weight.dtype)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, shell)
+            continue
         out_f, in_f = linear_shape(old)
         if not isinstance(old, nn.Linear):
             conv1d.add(name)
-        shell = Linear4bit(in_f, out_f, bias=old.bias is not None, **quant, compute_dtype=compute_dtype,
-                           device="meta", dtype=old.weight.dtype)
+        cls = Linear4bitHead if tables is not None and name == tables.head else Linear4bit
+        shell = cls(in_f, out_f, bias=old.bias is not None, **quant, compute_dtype=compute_dtype,
+                    device="meta", dtype=old.weight.dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, shell)
     return conv1d

@@ -25,11 +25,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..nn._quant_weight import QuantizedWeight
+from ..nn.embedding4bit import Embedding4bit
 from ..nn.linear4bit import Linear4bit
+from ..nn.trainable_tokens import Linear4bitHead
 from .state import dtype_name
 
 #: Default of ``skip_modules``: the output head stays dense (as transformers does).
 DEFAULT_SKIP = ("lm_head",)
+#: quantization_config key listing 4-bit embedding tables (not a BitsAndBytesConfig field: a record for our loader).
+EMBEDDINGS_KEY = "peft_kernels_4bit_embeddings"
 
 
 class _Default(tuple):
@@ -85,13 +90,18 @@ class LinearSelection:
 
 
 def select_linears(model: nn.Module, skip_modules: str | Iterable[str] | None = _Default(DEFAULT_SKIP),
-                   target_modules: str | Iterable[str] | None = None) -> LinearSelection:
+                   target_modules: str | Iterable[str] | None = None, *, handled: dict[str, str] | None = None
+                   ) -> LinearSelection:
     """Pick the linears to quantize: every ``nn.Linear``/``Conv1D`` matching ``target_modules``
     (all when None), not matching ``skip_modules``, and whose weight is not tied to another module.
+
+    ``handled``: module name -> reason, linears converted by other means (the 4-bit output head of
+    ``quantize_head``); they are neither targets nor "left dense", and nothing else being left is fine.
 
     Raises ValueError if an explicitly given pattern matches no module of ``model``, or if
     nothing is left to quantize.
     """
+    handled = handled or {}
     explicit_skip = not isinstance(skip_modules, _Default)
     skip, target = _as_patterns(skip_modules), _as_patterns(target_modules)
     names = [n for n, _ in model.named_modules() if n]
@@ -107,7 +117,7 @@ def select_linears(model: nn.Module, skip_modules: str | Iterable[str] | None = 
     skipped: dict[str, str] = {}
     n_linear = 0
     for name, module in model.named_modules():
-        if not is_quantizable_linear(module):
+        if not is_quantizable_linear(module) or name in handled:
             continue
         n_linear += 1
         if target and not any(name_matches(name, p) for p in target):
@@ -120,7 +130,7 @@ def select_linears(model: nn.Module, skip_modules: str | Iterable[str] | None = 
             skipped[name] = "weight tied to another module"
         else:
             targets.append(name)
-    if not targets:
+    if not targets and not handled:
         n_4bit = sum(isinstance(m, Linear4bit) for m in model.modules())
         why = ("it has no nn.Linear/Conv1D layers" if n_linear == 0
                else f"all {n_linear} linear layers are excluded: {skipped}")
@@ -142,12 +152,6 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-def _weight_tensors(layer: Linear4bit) -> list[torch.Tensor]:
-    """A Linear4bit's 4-bit weight: packed codes, block statistics, code books (not the bias)."""
-    ts = (layer.weight, layer.absmax, layer.quant_map, layer.nested_absmax, layer.nested_quant_map)
-    return [t for t in ts if t is not None]
-
-
 @dataclass
 class QuantizationReport:
     """What :func:`quantize_model` did. Byte counts are exact sums over the model's tensors."""
@@ -164,6 +168,9 @@ class QuantizationReport:
     blocksize: int
     double_quant: bool
     layer_bits: dict[str, float] = field(default_factory=dict)  # per layer, its own code books included
+    embeddings: str | None = None    # the input embedding turned into Embedding4bit (quantize_embeddings)
+    head: str | None = None          # the output head turned into Linear4bitHead (quantize_head)
+    tied: bool = False               # head and embeddings share one 4-bit table
 
     @property
     def num_replaced(self) -> int:
@@ -191,6 +198,10 @@ class QuantizationReport:
             f"  compression x{self.compression:.2f}; {self.bits_per_parameter:.3f} bits per quantized parameter "
             f"({self.quantized_params:,} parameters)",
         ]
+        if self.embeddings or self.head:
+            tables = [f"{n} ({'Embedding4bit' if n == self.embeddings else 'Linear4bitHead'}, "
+                      f"{self.layer_bits[n]:.3f} bits)" for n in (self.embeddings, self.head) if n]
+            rows.append("  4-bit tables: " + ", ".join(tables) + ("; tied: one copy" if self.tied else ""))
         if self.skipped:
             rows.append("  dense: " + ", ".join(f"{n} ({why})" for n, why in list(self.skipped.items())[:6])
                         + (" ..." if len(self.skipped) > 6 else ""))
@@ -199,12 +210,14 @@ class QuantizationReport:
 
 # ------------------------------------------------------------ config record
 def bnb_config_dict(*, quant_type: str, blocksize: int, double_quant: bool, compute_dtype: torch.dtype | None,
-                    skip_modules: Sequence[str] | None) -> dict:
+                    skip_modules: Sequence[str] | None, embeddings: Sequence[str] | None = None) -> dict:
     """transformers ``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` for these settings.
 
     ``bnb_4bit_blocksize`` is not a BitsAndBytesConfig field (bitsandbytes always quantizes with 64
     there); it is written only when it differs, for the record. Loaders read the block size of each
     weight from its own quant state, so checkpoints with any block size load either way.
+    ``embeddings``: names of 4-bit embedding tables (``Embedding4bit``), recorded under
+    :data:`EMBEDDINGS_KEY`; transformers has no 4-bit embedding, so only ``load_quantized`` reads those.
     """
     cfg = {
         "quant_method": "bitsandbytes",
@@ -224,6 +237,8 @@ def bnb_config_dict(*, quant_type: str, blocksize: int, double_quant: bool, comp
     }
     if blocksize != 64:
         cfg["bnb_4bit_blocksize"] = blocksize
+    if embeddings:
+        cfg[EMBEDDINGS_KEY] = list(embeddings)
     return cfg
 
 
@@ -238,15 +253,21 @@ def describe_quantization(model: nn.Module) -> dict | None:
     """The BitsAndBytesConfig dict of a model's Linear4bit layers (settings of the first one; every
     linear still dense listed in ``llm_int8_skip_modules``), or None when it has none."""
     first = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
+    first = first or next((m for m in model.modules() if isinstance(m, QuantizedWeight)), None)
     if first is None:
         return None
     return bnb_config_dict(quant_type=first.quant_type, blocksize=first.blocksize, double_quant=first.double_quant,
-                           compute_dtype=first.compute_dtype, skip_modules=_dense_linear_names(model))
+                           compute_dtype=first.compute_dtype, skip_modules=_dense_linear_names(model),
+                           embeddings=_embedding_names(model))
 
 
 def _dense_linear_names(model: nn.Module) -> list[str] | None:
     # Full names: a loader must keep exactly these dense, whatever its pattern syntax.
     return [n for n, m in model.named_modules() if is_quantizable_linear(m)] or None
+
+
+def _embedding_names(model: nn.Module) -> list[str] | None:
+    return [n for n, m in model.named_modules() if isinstance(m, Embedding4bit)] or None
 
 
 # -------------------------------------------------------------- the swap
@@ -255,10 +276,47 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def _table_and_head(model: nn.Module, quantize_embeddings: bool, quantize_head: bool
+                    ) -> tuple[str | None, str | None, bool]:
+    """(input-embedding module name, output-head module name, tied) of the tables to convert, checked."""
+    names = {id(m): n for n, m in model.named_modules()}
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    tied = (emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", 0))
+    if tied and quantize_embeddings != quantize_head:
+        raise ValueError(f"{type(model).__name__} ties its output head to the input embeddings "
+                         f"(tie_word_embeddings=True): one 4-bit table serves both, so quantize_embeddings and "
+                         f"quantize_head must both be True or both False (got {quantize_embeddings}, {quantize_head})")
+    emb_name = head_name = None
+    if quantize_embeddings:
+        if emb is None:
+            raise ValueError(f"quantize_embeddings=True but {type(model).__name__} has no get_input_embeddings()")
+        if isinstance(emb, Embedding4bit):
+            raise ValueError("quantize_embeddings=True but the input embeddings are already Embedding4bit")
+        if not isinstance(emb, nn.Embedding):
+            raise TypeError(f"quantize_embeddings=True needs an nn.Embedding input table, the model has a "
+                            f"{type(emb).__name__}")
+        emb_name = names[id(emb)]
+    if quantize_head:
+        if head is None:
+            raise ValueError(f"quantize_head=True but {type(model).__name__} has no output head "
+                             f"(get_output_embeddings() is None)")
+        if isinstance(head, Linear4bit):
+            raise ValueError("quantize_head=True but the output head is already a Linear4bit")
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"quantize_head=True needs an nn.Linear output head, the model has a "
+                            f"{type(head).__name__}")
+        head_name = names[id(head)]
+    return emb_name, head_name, tied
+
+
 def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype | None = None,
                    skip_modules: str | Iterable[str] | None = _Default(DEFAULT_SKIP),
-                   target_modules: str | Iterable[str] | None = None) -> QuantizationReport:
+                   target_modules: str | Iterable[str] | None = None, quantize_embeddings: bool = False,
+                   quantize_head: bool = False) -> QuantizationReport:
     """Replace the model's ``nn.Linear``/``Conv1D`` layers by :class:`Linear4bit`, in place.
 
     Layers are quantized on the device their weight lives on, one at a time; the dense
@@ -269,30 +327,77 @@ def quantize_model(model: nn.Module, *, quant_type: str = "nf4", blocksize: int 
         quant_type, blocksize, double_quant, compute_dtype: as :class:`Linear4bit`.
         skip_modules: name patterns to keep dense (default ``("lm_head",)``; see the module doc).
         target_modules: if given, only layers matching one of these patterns are quantized.
+        quantize_embeddings: also turn ``model.get_input_embeddings()`` into an
+            :class:`~peft_kernels.nn.Embedding4bit` (same format; ``compute_dtype`` is its output dtype).
+        quantize_head: also turn ``model.get_output_embeddings()`` (the LM head) into a
+            :class:`~peft_kernels.nn.Linear4bitHead` (a ``Linear4bit``), whatever ``skip_modules`` says by
+            default. A head tied to the input embeddings (``tie_word_embeddings=True``) needs both flags; it
+            then holds the embedding's very tensors (one 4-bit copy: the row-major [V, H] bytes of a table and
+            of a head are the same).
 
     Returns a :class:`QuantizationReport`. Raises ValueError when an explicitly given pattern
-    matches no module, or when no linear layer is left to quantize.
+    matches no module, when no linear layer is left to quantize, when ``quantize_head`` meets an explicit
+    ``skip_modules`` pattern naming the head, or when a tied pair gets only one of the two flags.
     """
-    selection = select_linears(model, skip_modules, target_modules)
+    for name, v in (("quantize_embeddings", quantize_embeddings), ("quantize_head", quantize_head)):
+        if not isinstance(v, bool):
+            raise ValueError(f"{name} must be True or False, got {v!r}")
+    emb_name, head_name, tied = _table_and_head(model, quantize_embeddings, quantize_head)
+    handled = {}
+    if head_name is not None:
+        if not isinstance(skip_modules, _Default) and any(name_matches(head_name, p)
+                                                          for p in _as_patterns(skip_modules)):
+            raise ValueError(f"quantize_head=True but skip_modules {list(_as_patterns(skip_modules))} names the "
+                             f"head {head_name!r}; drop one of the two")
+        handled[head_name] = "quantize_head"
+    selection = select_linears(model, skip_modules, target_modules, handled=handled)
     bytes_before = tensor_bytes(model)
     layer_bits: dict[str, float] = {}
     q_params = q_bytes = 0
     counted: set[int] = set()
-    for name in selection.targets:
-        new = Linear4bit.from_linear(model.get_submodule(name), quant_type=quant_type, blocksize=blocksize,
-                                     double_quant=double_quant, compute_dtype=compute_dtype)
-        new.train(model.training)
-        _set_submodule(model, name, new)  # the old layer (and its dense weight) has no owner left
-        numel = new.in_features * new.out_features
-        tensors = _weight_tensors(new)
-        layer_bits[name] = 8 * sum(t.numel() * t.element_size() for t in tensors) / numel
-        q_params += numel
+    quant = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+
+    def account(name: str, new: QuantizedWeight) -> None:
+        nonlocal q_params, q_bytes
+        rows, cols = new._quant_shape()
+        tensors = new.quantized_weight_tensors()
+        layer_bits[name] = 8 * sum(t.numel() * t.element_size() for t in tensors) / (rows * cols)
+        if id(new.weight) not in counted:  # a tied head's table is the embedding's: counted once
+            q_params += rows * cols
         q_bytes += sum(t.numel() * t.element_size() for t in tensors if id(t) not in counted)
         counted.update(id(t) for t in tensors)
+
+    replaced = list(selection.targets)
+    for name in selection.targets:
+        new = Linear4bit.from_linear(model.get_submodule(name), **quant)
+        new.train(model.training)
+        _set_submodule(model, name, new)  # the old layer (and its dense weight) has no owner left
+        account(name, new)
+    table = None
+    if emb_name is not None:
+        table = Embedding4bit.from_embedding(model.get_submodule(emb_name), **quant)
+        _set_submodule(model, emb_name, table)
+        account(emb_name, table)
+        replaced.append(emb_name)
+    if head_name is not None:
+        old = model.get_submodule(head_name)
+        if tied:
+            head = Linear4bitHead(old.in_features, old.out_features, bias=old.bias is not None, **quant,
+                                  device="meta", dtype=old.weight.dtype)
+            head.share_quantized_weight(table)
+            if old.bias is not None:
+                head.bias = old.bias
+        else:
+            head = Linear4bitHead.from_linear(old, **quant)
+        head.train(model.training)
+        _set_submodule(model, head_name, head)
+        account(head_name, head)
+        replaced.append(head_name)
     record_quantization_config(model, bnb_config_dict(
         quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
-        skip_modules=_dense_linear_names(model)))
-    return QuantizationReport(replaced=list(selection.targets), skipped=selection.skipped,
+        skip_modules=_dense_linear_names(model), embeddings=_embedding_names(model)))
+    return QuantizationReport(replaced=replaced, skipped=selection.skipped,
                               bytes_before=bytes_before, bytes_after=tensor_bytes(model), quantized_params=q_params,
                               quantized_weight_bytes=q_bytes, quant_type=quant_type, blocksize=blocksize,
-                              double_quant=double_quant, layer_bits=layer_bits)
+                              double_quant=double_quant, layer_bits=layer_bits, embeddings=emb_name, head=head_name,
+                              tied=bool(tied and emb_name is not None))
