@@ -13,7 +13,9 @@ Steps, in this order:
 2. The method(s), in the order given (prompt/prefix tuning wrap the model, so they must come last).
    Each method's ``apply`` freezes what it does not train; composed methods train the union of what
    each one trains.
-3. Gradient checkpointing (transformers' non-reentrant checkpointing of every decoder layer).
+3. Fused kernels (``fused_kernels=True`` or a dict of :func:`~peft_kernels.fused.apply_fused_kernels`
+   switches): RMSNorm and SwiGLU MLP modules swapped for the fused ones (off by default).
+4. Gradient checkpointing (transformers' non-reentrant checkpointing of every decoder layer).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class PrepareReport:
     gradient_checkpointing: bool = False
     precision: str = "fp32"
     notes: list[str] = field(default_factory=list)
+    fused: Any = None                       # FusedReport when fused_kernels was on
 
     @property
     def trainable_percent(self) -> float:
@@ -130,6 +133,19 @@ def _quant_settings(quantize, precision: str) -> Optional[dict]:
     return settings
 
 
+def _fused_settings(fused_kernels) -> Optional[dict]:
+    if fused_kernels is False or fused_kernels is None:
+        return None
+    if fused_kernels is True:
+        return {}
+    if isinstance(fused_kernels, dict):
+        unknown = sorted(k for k in fused_kernels if k not in ("rmsnorm", "swiglu"))
+        if unknown:
+            raise ValueError(f"unknown fused_kernels setting(s) {unknown}; valid: ['rmsnorm', 'swiglu']")
+        return dict(fused_kernels)
+    raise ValueError(f"fused_kernels must be True, False or a dict of rmsnorm/swiglu switches, got {fused_kernels!r}")
+
+
 def _keep_dense(cfgs: Sequence) -> list[str]:
     """Module-name patterns a method trains in full, which must stay dense."""
     out = []
@@ -193,8 +209,8 @@ def _check_targets(model: nn.Module, cfgs: Sequence) -> None:
 
 # ================================================================== prepare
 def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = False, gradient_checkpointing: bool = False,
-            seq_len: int = 512, batch_size: int = 1, precision: str = "fp32", optimizer: str = "adamw"
-            ) -> tuple[nn.Module, PrepareReport]:
+            seq_len: int = 512, batch_size: int = 1, precision: str = "fp32", optimizer: str = "adamw",
+            fused_kernels: Union[bool, dict] = False) -> tuple[nn.Module, PrepareReport]:
     """Quantize, apply the method(s), enable gradient checkpointing; returns ``(model_to_train, report)``.
 
     Args:
@@ -207,6 +223,8 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
         seq_len, batch_size, precision ("fp32" | "bf16" | "fp16": the compute dtype; a 16-bit precision over
             an fp32 model is autocast mixed precision, as the Trainer runs it), optimizer: for the memory
             estimate, which also reads the model's weight dtype and device.
+        fused_kernels: True, or a dict ``{"rmsnorm": bool, "swiglu": bool}``: swap the model's RMSNorm / SwiGLU
+            MLP modules for the fused ones (``peft_kernels.fused.apply_fused_kernels``; its report in ``.fused``).
 
     The model changes in place; the returned model is the same object except with prompt/prefix tuning
     (their wrapper). Bad arguments — and, when quantizing, method targets the model does not have — raise
@@ -234,6 +252,7 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
     if gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support transformers' gradient checkpointing "
                          f"(supports_gradient_checkpointing is not set)")
+    fused_args = _fused_settings(fused_kernels)
     notes: list[str] = []
     if qset is not None:
         _check_targets(model, cfgs)
@@ -278,8 +297,15 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
             if p.is_floating_point():
                 p.requires_grad_(True)
 
-    # 3. gradient checkpointing
+    # 3. fused kernels (after the methods: the fused MLP keeps whatever projection modules they put there)
     base = registry.inner_model(model)
+    fused = None
+    if fused_args is not None:
+        from .fused import apply_fused_kernels
+        fused = apply_fused_kernels(base, **fused_args)
+        notes.append(str(fused).splitlines()[0])
+
+    # 4. gradient checkpointing
     if gradient_checkpointing:
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name; the old one warns
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -303,7 +329,8 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
             notes.append(f"no memory estimate: {e}")
     return model, PrepareReport(trainable=trainable, total=total, bits_per_parameter=8 * nbytes / max(total, 1),
                                 methods=names, estimate=estimate, model_bytes=nbytes, quantized_layers=quantized,
-                                gradient_checkpointing=gradient_checkpointing, precision=precision, notes=notes)
+                                gradient_checkpointing=gradient_checkpointing, precision=precision, notes=notes,
+                                fused=fused)
 
 
 __all__ = ["prepare", "PrepareReport", "PRECISIONS", "OPTIMIZERS", "QUANTIZE_KEYS"]
