@@ -127,3 +127,23 @@ def test_prepare_fused_kernels_with_lora():
         prepare(tiny.build("llama"), "lora", fused_kernels={"rope": True})
     with pytest.raises(ValueError, match="fused_kernels must be"):
         prepare(tiny.build("llama"), "lora", fused_kernels="on")
+
+
+def test_cli_train_fused_kernels_flag(tmp_path, capsys):
+    import json
+
+    from peft_kernels import cli, demo
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(demo.DEMO_DATA.read_text().splitlines(keepends=True)[:4]))
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", str(demo.DEMO_MODEL), "--data", str(data), "--method", "lora",
+                     "--max-steps", "1", "--batch-size", "2", "--output-dir", str(out), "--no-progress",
+                     "--fused-kernels"])
+    stdout = capsys.readouterr().out
+    assert code == 0 and "fused kernels:" in stdout and "SwiGLU MLP modules swapped" in stdout
+    assert json.loads((out / "run_config.json").read_text())["fused_kernels"] is True
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": str(demo.DEMO_MODEL), "data": str(data), "output_dir": str(out),
+                               "max_steps": 1, "fused_kernels": "yes"}))
+    assert cli.main(["train", "--config", str(bad)]) != 0
+    assert "fused_kernels must be true or false" in capsys.readouterr().err
