@@ -37,6 +37,7 @@ RUN_KEYS = {
     "quantize": "true, false, or a dict of quantize_model settings (default false)",
     "gradient_checkpointing": "recompute decoder layers in backward (default false)",
     "offload_activations": "with gradient_checkpointing: checkpoints in pinned CPU memory (CUDA; default false)",
+    "fused_kernels": "swap RMSNorm / SwiGLU MLP modules for the fused kernels (default false)",
     "responses_only": "loss on the responses / assistant turns only (default true)",
     "resume_from": "checkpoint directory, or 'latest' (the newest in output_dir)",
     "device": "cpu, cuda or auto (default auto)",
@@ -149,7 +150,7 @@ def normalize_run_config(raw: dict) -> tuple[dict, dict]:
         raise ConfigError(f"dtype must be one of {list(_DTYPES)}, got {run['dtype']!r}")
     if "device" in run and run["device"] not in ("cpu", "cuda", "auto") and not str(run["device"]).startswith("cuda:"):
         raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {run['device']!r}")
-    for k in ("gradient_checkpointing", "offload_activations", "responses_only"):
+    for k in ("gradient_checkpointing", "offload_activations", "responses_only", "fused_kernels"):
         if k in run and not isinstance(run[k], bool):
             raise ConfigError(f"{k} must be true or false, got {run[k]!r}")
     if "quantize" in run and not isinstance(run["quantize"], (bool, dict)):
@@ -247,7 +248,9 @@ def _train(run: dict, tcfg, cfgs, dtype, device, main: bool) -> int:
     model, report = prepare(model, cfgs, quantize=run.get("quantize", False),
                             gradient_checkpointing=run.get("gradient_checkpointing", False),
                             offload_activations=run.get("offload_activations", False), seq_len=tcfg.seq_len,
-                            batch_size=tcfg.batch_size, precision=tcfg.precision, optimizer=tcfg.optimizer)
+                            batch_size=tcfg.batch_size, precision=tcfg.precision, optimizer=tcfg.optimizer,
+                            fused_kernels=run.get("fused_kernels", False),
+                            fused_cross_entropy=tcfg.fused_cross_entropy)
     out = Path(tcfg.output_dir)
     if main:
         print(report)
@@ -288,7 +291,7 @@ def _train_from_args(args) -> int:
     flags = {"model": args.model, "tokenizer": args.tokenizer, "data": args.data, "eval_data": args.eval_data,
              "method": args.method, "quantize": args.quantize, "gradient_checkpointing": args.gradient_checkpointing,
              "offload_activations": args.offload_activations, "resume_from": args.resume, "device": args.device,
-             "dtype": args.dtype}
+             "dtype": args.dtype, "fused_kernels": args.fused_kernels}
     tflags = {"output_dir": args.output_dir, "max_steps": args.max_steps, "batch_size": args.batch_size,
               "grad_accum": args.grad_accum, "lr": args.lr, "seq_len": args.seq_len, "precision": args.precision,
               "optimizer": args.optimizer, "scheduler": args.scheduler, "warmup_steps": args.warmup_steps,
@@ -642,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="with --gradient-checkpointing: keep checkpoints in pinned CPU memory (CUDA)")
+    t.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused RMSNorm / SwiGLU kernels (docs/training/fused_kernels.md)")
     t.add_argument("--output-dir")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int)

@@ -13,7 +13,9 @@ Steps, in this order:
 2. The method(s), in the order given (prompt/prefix tuning wrap the model, so they must come last).
    Each method's ``apply`` freezes what it does not train; composed methods train the union of what
    each one trains.
-3. Gradient checkpointing of every decoder layer (``train/checkpointing.py``: transformers' non-reentrant
+3. Fused kernels (``fused_kernels=True`` or a dict of :func:`~peft_kernels.fused.apply_fused_kernels`
+   switches): RMSNorm and SwiGLU MLP modules swapped for the fused ones (off by default).
+4. Gradient checkpointing of every decoder layer (``train/checkpointing.py``: transformers' non-reentrant
    checkpointing with the engine's checkpoint function, RNG state preserved), optionally with the checkpoints
    offloaded to pinned CPU memory (``offload_activations=True``, CUDA).
 """
@@ -55,6 +57,7 @@ class PrepareReport:
     notes: list[str] = field(default_factory=list)
     offload_activations: bool = False
     checkpointing: Any = None               # train.checkpointing.CheckpointReport when checkpointing is on
+    fused: Any = None                       # FusedReport when fused_kernels was on
 
     @property
     def trainable_percent(self) -> float:
@@ -138,6 +141,19 @@ def _quant_settings(quantize, precision: str) -> Optional[dict]:
     return settings
 
 
+def _fused_settings(fused_kernels) -> Optional[dict]:
+    if fused_kernels is False or fused_kernels is None:
+        return None
+    if fused_kernels is True:
+        return {}
+    if isinstance(fused_kernels, dict):
+        unknown = sorted(k for k in fused_kernels if k not in ("rmsnorm", "swiglu"))
+        if unknown:
+            raise ValueError(f"unknown fused_kernels setting(s) {unknown}; valid: ['rmsnorm', 'swiglu']")
+        return dict(fused_kernels)
+    raise ValueError(f"fused_kernels must be True, False or a dict of rmsnorm/swiglu switches, got {fused_kernels!r}")
+
+
 def _keep_dense(cfgs: Sequence) -> list[str]:
     """Module-name patterns a method trains in full, which must stay dense."""
     out = []
@@ -203,7 +219,8 @@ def _check_targets(model: nn.Module, cfgs: Sequence) -> None:
 # ================================================================== prepare
 def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = False, gradient_checkpointing: bool = False,
             offload_activations: bool = False, seq_len: int = 512, batch_size: int = 1, precision: str = "fp32",
-            optimizer: str = "adamw") -> tuple[nn.Module, PrepareReport]:
+            optimizer: str = "adamw", fused_kernels: Union[bool, dict] = False,
+            fused_cross_entropy: bool = True) -> tuple[nn.Module, PrepareReport]:
     """Quantize, apply the method(s), enable gradient checkpointing; returns ``(model_to_train, report)``.
 
     Args:
@@ -219,6 +236,11 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
         seq_len, batch_size, precision ("fp32" | "bf16" | "fp16": the compute dtype; a 16-bit precision over
             an fp32 model is autocast mixed precision, as the Trainer runs it), optimizer: for the memory
             estimate, which also reads the model's weight dtype and device.
+        fused_kernels: True, or a dict ``{"rmsnorm": bool, "swiglu": bool}``: swap the model's RMSNorm / SwiGLU
+            MLP modules for the fused ones (``peft_kernels.fused.apply_fused_kernels``; its report in ``.fused``).
+            The estimate counts only the modules actually swapped.
+        fused_cross_entropy: for the memory estimate only: the loss will be the fused linear cross-entropy
+            (``TrainConfig.fused_cross_entropy``, on by default); False: transformers' loss over full logits.
 
     The model changes in place; the returned model is the same object except with prompt/prefix tuning
     (their wrapper). Bad arguments — and, when quantizing, method targets the model does not have — raise
@@ -236,6 +258,8 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
         raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
     if not isinstance(offload_activations, bool):
         raise ValueError(f"offload_activations must be True or False, got {offload_activations!r}")
+    if not isinstance(fused_cross_entropy, bool):
+        raise ValueError(f"fused_cross_entropy must be True or False, got {fused_cross_entropy!r}")
     if offload_activations and not gradient_checkpointing:
         raise ValueError("offload_activations=True offloads the checkpoints of gradient checkpointing; "
                          "set gradient_checkpointing=True too")
@@ -251,6 +275,7 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
     if gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support transformers' gradient checkpointing "
                          f"(supports_gradient_checkpointing is not set)")
+    fused_args = _fused_settings(fused_kernels)
     notes: list[str] = []
     if qset is not None:
         _check_targets(model, cfgs)
@@ -297,15 +322,19 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
             if p.is_floating_point():
                 p.requires_grad_(True)
 
-    # 3. gradient checkpointing
+    # 3. fused kernels (after the methods: the fused MLP keeps whatever projection modules they put there)
     base = registry.inner_model(model)
+    fused = None
+    if fused_args is not None:
+        from .fused import apply_fused_kernels
+        fused = apply_fused_kernels(base, **fused_args)
+        notes.append(str(fused).splitlines()[0])
+
+    # 4. gradient checkpointing
     ckpt_report = None
     if gradient_checkpointing:
         from .train.checkpointing import enable_checkpointing
         ckpt_report = enable_checkpointing(base, offload=offload_activations)
-        if offload_activations and ckpt_report.offload_active:
-            notes.append("memory estimate: activation offload is not modelled yet (the estimate keeps every "
-                         "checkpoint on the device)")
 
     trainable, total = trainable_parameters(model)
     nbytes = tensor_bytes(model)
@@ -317,13 +346,20 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
             estimate = estimate_memory(cfg, method=cfgs or "full", seq_len=seq_len, batch_size=batch_size,
                                        quantize=qset is not None or bool(quantized), precision=precision,
                                        weight_dtype=_weight_dtype(base), gradient_checkpointing=gradient_checkpointing,
-                                       optimizer=optimizer, device=_device_type(base))
+                                       optimizer=optimizer, device=_device_type(base),
+                                       fused_cross_entropy=fused_cross_entropy,
+                                       quantize_embeddings=bool(qset and qset.get("quantize_embeddings")),
+                                       quantize_head=bool(qset and qset.get("quantize_head")),
+                                       offload_activations=offload_activations,
+                                       fused_kernels={"rmsnorm": bool(fused and fused.rmsnorm),
+                                                      "swiglu": bool(fused and fused.swiglu)})
         except (ValueError, NotImplementedError) as e:
             notes.append(f"no memory estimate: {e}")
     return model, PrepareReport(trainable=trainable, total=total, bits_per_parameter=8 * nbytes / max(total, 1),
                                 methods=names, estimate=estimate, model_bytes=nbytes, quantized_layers=quantized,
                                 gradient_checkpointing=gradient_checkpointing, precision=precision, notes=notes,
-                                offload_activations=offload_activations, checkpointing=ckpt_report)
+                                offload_activations=offload_activations, checkpointing=ckpt_report,
+                                fused=fused)
 
 
 __all__ = ["prepare", "PrepareReport", "PRECISIONS", "OPTIMIZERS", "QUANTIZE_KEYS"]
