@@ -478,3 +478,24 @@ def test_optimizer_in_backward_skips_a_diverged_step(tmp_path, examples):
     after = trainable_snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before if n != name)
     assert tr.step_in_backward.steps == 0
+
+
+def test_step_in_backward_does_not_keep_the_model_alive():
+    """The per-parameter hooks sit on the tensors, out of the garbage collector's sight: they must hold the
+    StepInBackward weakly, or a dropped model + optimizer would never be freed."""
+    import gc
+    import weakref
+
+    from peft_kernels.train.optim import StepInBackward
+
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sib = StepInBackward(opt)
+    sib.active = True
+    w0 = model.weight.detach().clone()
+    model(torch.randn(2, 8)).sum().backward()
+    assert sib.steps == 2 and model.weight.grad is None and not torch.equal(model.weight, w0)
+    alive = weakref.ref(model.weight)
+    del model, opt, sib
+    gc.collect()
+    assert alive() is None

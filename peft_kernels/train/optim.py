@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -120,7 +121,8 @@ class StepInBackward:
     Only while :attr:`active` (the Trainer sets it around its backward): other backward passes (an eval,
     a user's own) leave gradients alone. Incompatible with anything that needs all gradients before any
     update — gradient accumulation, clipping by the global norm, fp16 loss scaling, DDP/FSDP reductions —
-    the Trainer refuses those combinations.
+    the Trainer refuses those combinations. The hooks hold this object weakly: keep a reference to it for
+    as long as it should act (the Trainer does); once it is gone the model and optimizer can be freed.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
@@ -128,7 +130,17 @@ class StepInBackward:
         self.active = False
         self.steps = 0  # parameter updates done (tests count them)
         self._group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
-        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in self._group_of]
+        # The hooks live on the tensors (C++ side, which the garbage collector cannot traverse): a hook holding
+        # this object strongly would make parameter -> hook -> self -> optimizer -> parameter an uncollectable
+        # cycle, leaking the model. They hold it weakly and do nothing once it is gone.
+        ref = weakref.ref(self)
+
+        def hook(p: torch.Tensor) -> None:
+            me = ref()
+            if me is not None:
+                me._step(p)
+
+        self._handles = [p.register_post_accumulate_grad_hook(hook) for p in self._group_of]
 
     def _step(self, p: torch.Tensor) -> None:
         if not self.active or p.grad is None:
