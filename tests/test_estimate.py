@@ -163,7 +163,17 @@ SWITCH_CASES = {
     # all-linear LoRA over fp32 dense weights: the gradients are a large share of the peak without it
     "lora_fused_ce_step_in_backward": ({"vocab": 512}, LORA, False, True, 1, 64, "fp32", 64 << 10,
                                        {"optimizer_in_backward": True}),
+    # a large vocabulary so the tables dominate: 4-bit embedding and head (untied) instead of fp32 ones
+    "qlora_4bit_tables": ({"vocab": 8192}, LORA, True, True, 1, 64, "fp32", 64 << 10,
+                          {"quantize_embeddings": True, "quantize_head": True}),
+    "qlora_4bit_tables_bf16": ({"vocab": 8192}, LORA, True, False, 2, 64, "bf16", 64 << 10,
+                               {"quantize_embeddings": True, "quantize_head": True}),
+    # the fused RMSNorm / SwiGLU modules (CPU: the reference path, which saves what the kernels save)
+    "qlora_fused_kernels": ({"inter": 704}, LORA, True, False, 2, 128, "fp32", 64 << 10, {"fused_kernels": True}),
+    "qlora_fused_kernels_bf16_ckpt": ({"inter": 704}, LORA, True, True, 2, 128, "bf16", 64 << 10,
+                                      {"fused_kernels": True}),
 }
+_TABLE_SWITCHES = ("quantize_embeddings", "quantize_head")  # prepare() takes these inside its quantize dict
 
 
 @pytest.mark.parametrize("name", list(SWITCH_CASES))
@@ -172,8 +182,10 @@ def test_estimate_with_memory_switches_within_10_percent_of_measured(name):
     weight_dtype, _, precision = precision.rpartition(">")
     cfg = _llama(**kw)
     chunk = chunk if chunk is not None else 32 << 20
-    measured = _measure_step(cfg, method, quantize=quantize, gc=gc, batch=batch, seq=seq, precision=precision,
-                             weight_dtype=weight_dtype or None, ce_chunk=chunk, **switches)
+    tables = {k: v for k, v in switches.items() if k in _TABLE_SWITCHES}
+    prepare_kw = {k: v for k, v in switches.items() if k not in _TABLE_SWITCHES}
+    measured = _measure_step(cfg, method, quantize=tables or quantize, gc=gc, batch=batch, seq=seq,
+                             precision=precision, weight_dtype=weight_dtype or None, ce_chunk=chunk, **prepare_kw)
     est = estimate_memory(cfg, method=method, seq_len=seq, batch_size=batch, quantize=quantize, precision=precision,
                           weight_dtype=weight_dtype or None, gradient_checkpointing=gc, device="cpu",
                           fused_cross_entropy=True, ce_chunk_bytes=chunk, **switches)

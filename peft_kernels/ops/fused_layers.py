@@ -57,6 +57,12 @@ def _needs_graph(*ts: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
+# The plain-torch backward works on slices of this many elements: its float32 temporaries (casts, sigmoid,
+# products: about six per element) stay a few hundred KiB instead of several copies of a [T, I] activation,
+# so the CPU path holds what the kernels hold — the gradients it returns (and the estimator can count that).
+CPU_BACKWARD_CHUNK = 1 << 14
+
+
 # ================================================================== RMSNorm
 def _rms_forward(x2: Tensor, weight: Tensor, eps: float, gemma: bool) -> tuple[Tensor, Tensor]:
     """(y [M, N], rstd [M] float32/float64) for x2 [M, N] contiguous."""
@@ -72,7 +78,20 @@ def _rms_backward(dy2: Tensor, x2: Tensor, weight: Tensor, rstd: Tensor, gemma: 
     if _use_triton(x2, weight) and dy2.dtype in _KERNEL_DTYPES:
         from ..kernels import rmsnorm as K
         return K.rmsnorm_backward(dy2.contiguous(), x2, weight.contiguous(), rstd, gemma=gemma, need_dw=need_dw)
-    return ref.rmsnorm_backward(dy2, x2, weight, rstd, gemma, need_dw)
+    # row slices of the closed form; dw's per-slice sums add up in the accumulation dtype
+    m, n = x2.shape
+    rows = max(1, CPU_BACKWARD_CHUNK // max(n, 1))
+    dx = torch.empty_like(x2)
+    dw = None
+    for r0 in range(0, m, rows):
+        dx_c, dw_c = ref.rmsnorm_backward(dy2[r0:r0 + rows], x2[r0:r0 + rows], weight, rstd[r0:r0 + rows], gemma,
+                                          need_dw)
+        dx[r0:r0 + rows] = dx_c
+        if need_dw:
+            dw = dw_c if dw is None else dw.add_(dw_c)
+    if need_dw and dw is None:  # no rows
+        dw = torch.zeros(n, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32, device=x2.device)
+    return dx, dw
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -126,6 +145,16 @@ def _swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
     return ref.swiglu_forward(gate, up)
 
 
+def _swiglu_backward_sliced(dh: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference closed form over flat slices of ``CPU_BACKWARD_CHUNK`` elements (gate, up contiguous)."""
+    g, u, d = gate.reshape(-1), up.reshape(-1), dh.reshape(-1)
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    for i in range(0, g.numel(), CPU_BACKWARD_CHUNK):
+        j = i + CPU_BACKWARD_CHUNK
+        dg[i:j], du[i:j] = ref.swiglu_backward(d[i:j], g[i:j], u[i:j])
+    return dg.view(gate.shape), du.view(up.shape)
+
+
 class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
@@ -140,7 +169,7 @@ class _SwiGLUFn(torch.autograd.Function):
             from ..kernels import swiglu as K
             dg, du = K.swiglu_backward(dh.contiguous(), gate, up)
         else:
-            dg, du = ref.swiglu_backward(dh, gate, up)
+            dg, du = _swiglu_backward_sliced(dh, gate, up)
         return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
 
 

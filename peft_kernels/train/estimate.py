@@ -47,7 +47,8 @@ Fused linear cross-entropy (``fused_cross_entropy=True``, the Trainer's default;
   forward and again in its backward), and its logits are in its input's dtype.
 Fused kernels (``fused_kernels``): a fused RMSNorm keeps its input itself (T·h·a, the residual) + rstd, not
   a float32 copy, and nothing more when its weight trains; a fused SwiGLU keeps gate and up only (SiLU is
-  recomputed in its backward).
+  recomputed in its backward). On CPU the SwiGLU backward runs the plain-torch closed form over slices of
+  ``ops.fused_layers.CPU_BACKWARD_CHUNK`` elements: 4 float32 temporaries per slice element (7 for 16-bit).
 Optimizer step in backward (``optimizer_in_backward``): no ``optimizer_step`` phase; the backward phases hold
   one gradient (the largest) and one parameter's AdamW temporaries instead of every gradient.
 Activation offload (``offload_activations=True`` with checkpointing, CUDA): the checkpoints live in pinned
@@ -838,6 +839,12 @@ def _estimate(shape: ModelShape, plan: Plan, *, seq_len: int, batch: int, a: int
         own = per_layer[i] - layer_parts(i)[1]
         if gc and (a == 4 or sw.fused_rmsnorm) and norm_input_saved(i):
             own -= T * h * a   # the recomputed norm input is the checkpoint itself
+        if sw.fused_swiglu and device == "cpu":
+            from ..ops.fused_layers import CPU_BACKWARD_CHUNK
+            # the plain-torch SwiGLU backward's float32 temporaries over one slice: sigmoid and four products,
+            # plus the casts of gate, up and dh when those are 16-bit
+            n_tmp = 4 + (3 if mlp_act_bytes(i) != 4 else 0)
+            own += n_tmp * 4 * min(CPU_BACKWARD_CHUNK, T * I)
         return own + 3 * T * I * mlp_act_bytes(i) + T * h * a
 
     head_grads = a * sum(n for n, t in zip(outer, outer_train) if t)
