@@ -284,3 +284,30 @@ def test_load_errors(tmp_path):
 def test_save_without_methods_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no PEFT method"):
         registry.save_adapters(build("llama"), tmp_path / "x")
+
+
+def test_the_estimate_sees_every_switch_prepare_applied():
+    """prepare()'s memory estimate is estimate_memory with the same switches: the 4-bit tables, the fused
+    modules actually swapped, the loss the Trainer will use."""
+    from peft_kernels.train.estimate import estimate_memory
+
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    model = build("llama")
+    cfg = model.config
+    q = {"quantize_embeddings": True, "quantize_head": True}
+    _, report = prepare(model, lora, quantize=q, fused_kernels={"rmsnorm": True, "swiglu": False},
+                        gradient_checkpointing=True, seq_len=32, fused_cross_entropy=False)
+    s = report.estimate.settings
+    assert (s["quantize_embeddings"], s["quantize_head"], s["fused_rmsnorm"], s["fused_swiglu"],
+            s["fused_cross_entropy"]) == (True, True, True, False, False)
+    want = estimate_memory(cfg, method=[lora], seq_len=32, quantize=True, gradient_checkpointing=True, device="cpu",
+                           weight_dtype="fp32", fused_cross_entropy=False, quantize_embeddings=True,
+                           quantize_head=True, fused_kernels={"rmsnorm": True, "swiglu": False})
+    assert report.estimate.total_bytes == want.total_bytes
+    # the defaults: the Trainer's fused loss, no other switch
+    _, plain = prepare(build("llama"), lora, quantize=True, seq_len=32)
+    s = plain.estimate.settings
+    assert s["fused_cross_entropy"] is True and not (s["quantize_embeddings"] or s["fused_rmsnorm"] or
+                                                     s["fused_swiglu"] or s["offload_activations"])
+    with pytest.raises(ValueError, match="fused_cross_entropy must be True or False"):
+        prepare(build("llama"), lora, fused_cross_entropy="yes")
