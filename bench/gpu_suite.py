@@ -79,7 +79,7 @@ import torch  # noqa: E402  (torch does not import triton; bitsandbytes and our 
 BLOCKSIZE = 64
 #: Method sections: letter -> module name under bench/gpu_sections/ (each: TITLE, run(b, cfg, dry), render(rows)).
 METHOD_SECTIONS = {"g": "bitfit", "h": "sparse", "i": "adapter", "j": "cross_entropy", "k": "fused",
-                   "l": "memory_switches", "m": "decode", "n": "multi_lora"}
+                   "l": "memory_switches", "m": "decode", "n": "multi_lora", "o": "training_step"}
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # DESIGN.md tolerance policy
 
 FULL = dict(
