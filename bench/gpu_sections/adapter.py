@@ -20,7 +20,7 @@ import math
 
 import torch
 
-TITLE = "i. bottleneck adapter: fused op vs unfused torch module (fwd, fwd+bwd)"
+TITLE = "bottleneck adapter: fused op vs unfused torch module (fwd, fwd+bwd)"
 ACT = "gelu"
 SCALE = 0.5
 NAMES = ("y", "dh", "dwd", "dbd", "dwu", "dbu")

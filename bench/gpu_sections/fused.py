@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-TITLE = "k. fused RMSNorm / SwiGLU / RoPE vs the transformers modules they replace (fwd, fwd+bwd)"
+TITLE = "fused RMSNorm / SwiGLU / RoPE vs the transformers modules they replace (fwd, fwd+bwd)"
 IMPLS = ("fused", "hf")
 
 
