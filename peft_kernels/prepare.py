@@ -150,6 +150,9 @@ def _fused_settings(fused_kernels) -> Optional[dict]:
         unknown = sorted(k for k in fused_kernels if k not in ("rmsnorm", "swiglu"))
         if unknown:
             raise ValueError(f"unknown fused_kernels setting(s) {unknown}; valid: ['rmsnorm', 'swiglu']")
+        bad = {k: v for k, v in fused_kernels.items() if not isinstance(v, bool)}
+        if bad:  # checked here, before quantization and the methods change the model
+            raise ValueError(f"fused_kernels switches must be True or False, got {bad}")
         return dict(fused_kernels)
     raise ValueError(f"fused_kernels must be True, False or a dict of rmsnorm/swiglu switches, got {fused_kernels!r}")
 
@@ -238,7 +241,7 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
             estimate, which also reads the model's weight dtype and device.
         fused_kernels: True, or a dict ``{"rmsnorm": bool, "swiglu": bool}``: swap the model's RMSNorm / SwiGLU
             MLP modules for the fused ones (``peft_kernels.fused.apply_fused_kernels``; its report in ``.fused``).
-            The estimate counts only the modules actually swapped.
+            For the memory estimate a kind (RMSNorm, SwiGLU) counts as fused when any module of it was swapped.
         fused_cross_entropy: for the memory estimate only: the loss will be the fused linear cross-entropy
             (``TrainConfig.fused_cross_entropy``, on by default); False: transformers' loss over full logits.
 

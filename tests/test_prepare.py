@@ -311,3 +311,13 @@ def test_the_estimate_sees_every_switch_prepare_applied():
                                                      s["fused_swiglu"] or s["offload_activations"])
     with pytest.raises(ValueError, match="fused_cross_entropy must be True or False"):
         prepare(build("llama"), lora, fused_cross_entropy="yes")
+
+
+def test_bad_fused_kernels_switch_is_refused_before_the_model_changes():
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fused_kernels switches must be True or False"):
+        prepare(model, LoraConfig(r=4), quantize=True, fused_kernels={"rmsnorm": "yes"})
+    assert not any(isinstance(m, (Linear4bit, LoraLinear)) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
