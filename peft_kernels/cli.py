@@ -37,7 +37,7 @@ RUN_KEYS = {
     "quantize": "true, false, or a dict of quantize_model settings (default false)",
     "gradient_checkpointing": "recompute decoder layers in backward (default false)",
     "offload_activations": "with gradient_checkpointing: checkpoints in pinned CPU memory (CUDA; default false)",
-    "fused_kernels": "swap RMSNorm / SwiGLU MLP modules for the fused kernels (default false)",
+    "fused_kernels": "fused RMSNorm / SwiGLU MLP modules and RoPE kernels (default false)",
     "responses_only": "loss on the responses / assistant turns only (default true)",
     "resume_from": "checkpoint directory, or 'latest' (the newest in output_dir)",
     "device": "cpu, cuda or auto (default auto)",
@@ -646,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="with --gradient-checkpointing: keep checkpoints in pinned CPU memory (CUDA)")
     t.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
-                   help="fused RMSNorm / SwiGLU kernels (docs/training/fused_kernels.md)")
+                   help="fused RMSNorm / SwiGLU / RoPE kernels (docs/training/fused_kernels.md)")
     t.add_argument("--output-dir")
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int)

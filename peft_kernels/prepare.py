@@ -14,7 +14,9 @@ Steps, in this order:
    Each method's ``apply`` freezes what it does not train; composed methods train the union of what
    each one trains.
 3. Fused kernels (``fused_kernels=True`` or a dict of :func:`~peft_kernels.fused.apply_fused_kernels`
-   switches): RMSNorm and SwiGLU MLP modules swapped for the fused ones (off by default).
+   switches): RMSNorm and SwiGLU MLP modules swapped for the fused ones, and the attention modules'
+   ``apply_rotary_pos_emb`` kernelized with the fused RoPE (``kernels.kernelize`` with the kernel repository
+   shipped in the package; off by default).
 4. Gradient checkpointing of every decoder layer (``train/checkpointing.py``: transformers' non-reentrant
    checkpointing with the engine's checkpoint function, RNG state preserved), optionally with the checkpoints
    offloaded to pinned CPU memory (``offload_activations=True``, CUDA).
@@ -147,14 +149,15 @@ def _fused_settings(fused_kernels) -> Optional[dict]:
     if fused_kernels is True:
         return {}
     if isinstance(fused_kernels, dict):
-        unknown = sorted(k for k in fused_kernels if k not in ("rmsnorm", "swiglu"))
+        unknown = sorted(k for k in fused_kernels if k not in ("rmsnorm", "swiglu", "rope"))
         if unknown:
-            raise ValueError(f"unknown fused_kernels setting(s) {unknown}; valid: ['rmsnorm', 'swiglu']")
+            raise ValueError(f"unknown fused_kernels setting(s) {unknown}; valid: ['rmsnorm', 'rope', 'swiglu']")
         bad = {k: v for k, v in fused_kernels.items() if not isinstance(v, bool)}
         if bad:  # checked here, before quantization and the methods change the model
             raise ValueError(f"fused_kernels switches must be True or False, got {bad}")
         return dict(fused_kernels)
-    raise ValueError(f"fused_kernels must be True, False or a dict of rmsnorm/swiglu switches, got {fused_kernels!r}")
+    raise ValueError(f"fused_kernels must be True, False or a dict of rmsnorm/swiglu/rope switches, "
+                     f"got {fused_kernels!r}")
 
 
 def _keep_dense(cfgs: Sequence) -> list[str]:
@@ -239,9 +242,10 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
         seq_len, batch_size, precision ("fp32" | "bf16" | "fp16": the compute dtype; a 16-bit precision over
             an fp32 model is autocast mixed precision, as the Trainer runs it), optimizer: for the memory
             estimate, which also reads the model's weight dtype and device.
-        fused_kernels: True, or a dict ``{"rmsnorm": bool, "swiglu": bool}``: swap the model's RMSNorm / SwiGLU
-            MLP modules for the fused ones (``peft_kernels.fused.apply_fused_kernels``; its report in ``.fused``).
-            For the memory estimate a kind (RMSNorm, SwiGLU) counts as fused when any module of it was swapped.
+        fused_kernels: True, or a dict ``{"rmsnorm": bool, "swiglu": bool, "rope": bool}`` (a missing key is on):
+            swap the model's RMSNorm / SwiGLU MLP modules for the fused ones and kernelize its attention modules'
+            RoPE (``peft_kernels.fused.apply_fused_kernels``; its report in ``.fused``). For the memory estimate
+            a kind (RMSNorm, SwiGLU) counts as fused when any module of it was swapped; RoPE changes no term.
         fused_cross_entropy: for the memory estimate only: the loss will be the fused linear cross-entropy
             (``TrainConfig.fused_cross_entropy``, on by default); False: transformers' loss over full logits.
 
@@ -355,7 +359,8 @@ def prepare(model: nn.Module, method=None, *, quantize: Union[bool, dict] = Fals
                                        quantize_head=bool(qset and qset.get("quantize_head")),
                                        offload_activations=offload_activations,
                                        fused_kernels={"rmsnorm": bool(fused and fused.rmsnorm),
-                                                      "swiglu": bool(fused and fused.swiglu)})
+                                                      "swiglu": bool(fused and fused.swiglu),
+                                                      "rope": bool(fused and fused.rope)})
         except (ValueError, NotImplementedError) as e:
             notes.append(f"no memory estimate: {e}")
     return model, PrepareReport(trainable=trainable, total=total, bits_per_parameter=8 * nbytes / max(total, 1),

@@ -207,6 +207,21 @@ def test_fused_cross_entropy_replaces_the_logits_terms():
     assert fused.settings["fused_cross_entropy"] is True
 
 
+def test_fused_kernels_rope_switch_changes_no_term():
+    """``fused_kernels`` takes a "rope" key (prepare passes it) and it changes nothing: the fused RoPE saves cos
+    and sin, as transformers' expression does (tests/test_fused_model.py::test_rope_saves_what_transformers_saves)."""
+    kw = dict(method="qlora", seq_len=1024, batch_size=1, quantize=True, precision="bf16")
+    cfg = llama_config("llama-3-8b")
+    on, off = estimate_memory(cfg, fused_kernels=True, **kw), estimate_memory(cfg, fused_kernels=False, **kw)
+    assert on.total_bytes != off.total_bytes  # RMSNorm / SwiGLU do change terms
+    for rope in (True, False):
+        assert estimate_memory(cfg, fused_kernels={"rope": rope}, **kw).phases == on.phases
+        assert estimate_memory(cfg, fused_kernels={"rmsnorm": False, "swiglu": False, "rope": rope},
+                               **kw).phases == off.phases
+    with pytest.raises(ValueError, match="'rmsnorm' / 'swiglu' / 'rope' booleans"):
+        estimate_memory(cfg, fused_kernels={"rope": "yes"}, **kw)
+
+
 # ====================================================================== persistent terms vs real models
 @pytest.mark.parametrize("method,quantize", [
     ("lora", False), ({"method": "lora", "r": 4, "target_modules": "all-linear", "use_dora": True}, True),

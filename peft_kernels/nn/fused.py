@@ -7,6 +7,10 @@
 * :class:`FusedSwiGLUMLP` replaces ``LlamaMLP`` / ``Qwen2MLP`` / ``MistralMLP`` / ...: it keeps the MLP's
   own ``gate_proj`` / ``up_proj`` / ``down_proj`` modules (dense, 4-bit, LoRA... whatever they are) and
   fuses only ``silu(gate) * up``: ``down_proj(swiglu(gate_proj(x), up_proj(x)))``.
+* :class:`FusedRotaryPosEmb` is not swapped in as a module: it is the layer that the kernel repository
+  shipped in ``peft_kernels/hub_kernels/rotary`` exports, and that ``kernels.kernelize`` puts in place of
+  the forward of an attention module's private ``apply_rotary_pos_emb`` wrapper (transformers'
+  ``use_kernelized_func`` extension point; ``peft_kernels.fused.apply_fused_kernels(model, rope=True)``).
 
 Shapes: x [..., hidden]. Dtypes: fp32/fp16/bf16 (float64 on the reference path).
 """
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from ..ops import fused_layers as F
+from ..ops import reference_fused as ref
 
 
 def norm_eps(module: nn.Module) -> float:
@@ -72,3 +77,42 @@ class FusedSwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_rope_takes(q, k, cos, sin, unsqueeze_dim) -> bool:
+    """Whether the fused RoPE op accepts these arguments (4-D q/k, [B or 1, S, D] cos/sin without grad...)."""
+    try:
+        F.check_rope(q, cos, sin, unsqueeze_dim)
+        F.check_rope(k, cos, sin, unsqueeze_dim)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb`` on the fused op (``ops.fused_layers.apply_rotary_pos_emb``).
+
+    Arguments the fused op does not take (Pixtral's ``unsqueeze_dim=0`` with [S, D] tables, cos/sin that
+    require grad, ...) get transformers' own expression, ``q * cos + rotate_half(q) * sin``: the same
+    result, without the fused kernel.
+    """
+    if _fused_rope_takes(q, k, cos, sin, unsqueeze_dim):
+        return F.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    return ref.rope_forward(q, cos, sin, unsqueeze_dim), ref.rope_forward(k, cos, sin, unsqueeze_dim)
+
+
+class FusedRotaryPosEmb(nn.Module):
+    """The kernel layer for transformers' ``"rotary_pos_emb"`` (``apply_rotary_pos_emb``) on the fused op.
+
+    Stateless, as ``kernels`` requires of a replacement layer: no constructor, no members besides
+    ``has_backward`` / ``can_torch_compile``, and ``forward`` has the replaced function's signature
+    (``q, k, cos, sin, unsqueeze_dim=1``). Defined here, not in the kernel repository, so that a
+    kernelized model pickles by reference to an importable module.
+    """
+
+    has_backward = True        # the fused op has its own backward (kernelize(mode=Mode.TRAINING) needs it)
+    can_torch_compile = False  # not checked under torch.compile
+
+    def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+        return rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)

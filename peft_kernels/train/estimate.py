@@ -49,6 +49,7 @@ Fused kernels (``fused_kernels``): a fused RMSNorm keeps its input itself (TÂ·hÂ
   a float32 copy, and nothing more when its weight trains; a fused SwiGLU keeps gate and up only (SiLU is
   recomputed in its backward). On CPU the SwiGLU backward runs the plain-torch closed form over slices of
   ``ops.fused_layers.CPU_BACKWARD_CHUNK`` elements: 4 float32 temporaries per slice element (7 for 16-bit).
+  The fused RoPE (``rope``) changes no term: it saves cos and sin, as transformers' expression does.
 Optimizer step in backward (``optimizer_in_backward``): no ``optimizer_step`` phase; the backward phases hold
   one gradient (the largest) and one parameter's AdamW temporaries instead of every gradient.
 Activation offload (``offload_activations=True`` with checkpointing, CUDA): the checkpoints live in pinned
@@ -508,7 +509,8 @@ def estimate_memory(model_config, *, method="lora", seq_len: int = 512, batch_si
         offload_activations: checkpoints offloaded to pinned host memory (needs gradient_checkpointing;
             changes nothing on ``device="cpu"``, where they already live in host memory).
         fused_kernels: the fused RMSNorm and SwiGLU modules (``prepare(fused_kernels=...)``): True, False, or
-            a dict ``{"rmsnorm": bool, "swiglu": bool}``.
+            a dict ``{"rmsnorm": bool, "swiglu": bool, "rope": bool}`` (``rope`` is accepted and changes nothing:
+            the fused RoPE saves cos and sin, as transformers' expression does).
         optimizer_in_backward: ``TrainConfig.optimizer_in_backward``: each parameter updated inside backward
             (``train.optim.StepInBackward``), so the gradients never all exist at once.
 
@@ -594,13 +596,15 @@ class Switches:
 
 
 def _fused_flags(fused_kernels, problems: list) -> tuple[bool, bool]:
-    """(rmsnorm, swiglu) from ``fused_kernels`` (True / False / a dict of the two)."""
+    """(rmsnorm, swiglu) from ``fused_kernels`` (True / False / a dict of rmsnorm / swiglu / rope; rope counts
+    for nothing: the fused RoPE saves what transformers' RoPE saves, cos and sin)."""
     if isinstance(fused_kernels, bool):
         return fused_kernels, fused_kernels
-    if isinstance(fused_kernels, dict) and set(fused_kernels) <= {"rmsnorm", "swiglu"} and all(
+    if isinstance(fused_kernels, dict) and set(fused_kernels) <= {"rmsnorm", "swiglu", "rope"} and all(
             isinstance(v, bool) for v in fused_kernels.values()):
         return fused_kernels.get("rmsnorm", True), fused_kernels.get("swiglu", True)
-    problems.append(f"fused_kernels={fused_kernels!r} (True, False or a dict of 'rmsnorm' / 'swiglu' booleans)")
+    problems.append(f"fused_kernels={fused_kernels!r} (True, False or a dict of 'rmsnorm' / 'swiglu' / 'rope' "
+                    "booleans)")
     return False, False
 
 
