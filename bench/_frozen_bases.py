@@ -35,3 +35,34 @@ def frozen_bases(k: int, n: int, seed: int):
     w_q = reference.dequantize_4bit(ours.weight, qs.absmax_float(), qs.code, qs.blocksize, qs.numel,
                                     torch.float64).view(n, k)
     return dense, ours, theirs, w_q
+
+
+class _Holder(torch.nn.Module):
+    """The smallest model PEFT can inject into: one linear layer named ``proj``."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_qlora(bnb_base: torch.nn.Module, r: int, alpha: float):
+    """(PEFT model, its LoRA layer) from ``get_peft_model`` over the bitsandbytes 4-bit layer.
+
+    The layer is PEFT's own QLoRA layer (``peft.tuners.lora.bnb.Linear4bit``, asserted), with PEFT's
+    default initialisation; callers copy their A and B in.
+    """
+    import warnings
+
+    import peft
+
+    holder = _Holder(bnb_base)
+    holder.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes 4-bit LoRA layer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
+    layer = pm.base_model.model.proj
+    assert type(layer).__module__ == "peft.tuners.lora.bnb", f"PEFT chose {type(layer)}, not its bnb 4-bit layer"
+    return pm, layer

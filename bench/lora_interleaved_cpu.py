@@ -17,42 +17,24 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _frozen_bases import frozen_bases  # noqa: E402
+from _frozen_bases import frozen_bases, peft_qlora  # noqa: E402
 
 K = N = 1024
 
 
-class _Holder(nn.Module):
-    """The smallest model PEFT can inject into: one linear layer named ``proj``."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _layers(r: int, ours_base: nn.Module, bnb_base: nn.Module) -> dict:
     """{impl: (module, lora_A weight, lora_B weight)} holding the same A, B and scale."""
-    import peft
     from peft_kernels.nn import LoraLinear
     g = torch.Generator().manual_seed(1000 + r)
     a = (torch.rand(r, K, generator=g) * 2 - 1) / math.sqrt(K)
     b = torch.randn(N, r, generator=g) / (2 * math.sqrt(r))  # non-zero: the LoRA branch does real work
     ours = LoraLinear(ours_base, "default", r=r, lora_alpha=2 * r)
-    holder = _Holder(bnb_base)
-    holder.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes 4-bit LoRA layer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
-    theirs = pm.base_model.model.proj
+    pm, theirs = peft_qlora(bnb_base, r, 2 * r)
     out = {}
     for impl, top, layer in (("ours", ours, ours), ("peft", pm, theirs)):
         with torch.no_grad():

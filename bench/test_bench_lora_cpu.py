@@ -22,7 +22,6 @@ parameters and quantized weight excluded), with PEFT's and ours side by side.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 from peft_kernels.ops import backend
 from _saved import load_tolerance, owned_storages
 from _saved import saved_bytes as _saved_bytes
-from _frozen_bases import frozen_bases
+from _frozen_bases import frozen_bases, peft_qlora
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -55,17 +54,6 @@ def _lora_linear():
     except Exception as e:  # pragma: no cover - only while the module is absent or broken
         pytest.skip(f"peft_kernels.nn.LoraLinear not importable: {type(e).__name__}: {e}")
     return LoraLinear
-
-
-class _Holder(nn.Module):
-    """The smallest model PEFT can inject into: one linear layer named ``proj``."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor) -> dict:
@@ -98,13 +86,7 @@ def lora_layers(request, bases):
             mod.lora_A["default"].weight.copy_(a)
             mod.lora_B["default"].weight.copy_(b)
         layers[impl] = (mod.train(), mod.lora_A["default"].weight, mod.lora_B["default"].weight)
-    holder = _Holder(bases["bnb"])
-    holder.is_loaded_in_4bit = True  # what PEFT reads to pick its bitsandbytes 4-bit LoRA layer
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(holder, peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    pl = pm.base_model.model.proj
-    assert type(pl).__module__ == "peft.tuners.lora.bnb", f"PEFT chose {type(pl)}, not its bnb 4-bit layer"
+    pm, pl = peft_qlora(bases["bnb"], r, alpha)
     with torch.no_grad():
         pl.lora_A["default"].weight.copy_(a)
         pl.lora_B["default"].weight.copy_(b)
