@@ -11,6 +11,7 @@ from torch import nn
 from peft_kernels.kernels._launch import is_interpreted
 from peft_kernels.kernels.embedding4bit import _embedding4bit_kernel, embedding_4bit as triton_embedding_4bit
 from peft_kernels.nn import Embedding4bit, Linear4bit, Linear4bitHead
+from peft_kernels.ops import backend, cpu_lib
 from peft_kernels.ops import reference as R
 from peft_kernels.ops.embedding4bit import embedding4bit_op
 from peft_kernels.quant import quantize_4bit
@@ -92,11 +93,38 @@ def test_cpu_gather_decodes_only_the_needed_blocks(monkeypatch):
     assert not called
 
 
-def test_op_opcheck_and_fake():
-    packed, st = _table(19, 40, 32)
+@pytest.mark.skipif(not backend.cpu_lib_usable(), reason="the CPU C library is not built")
+@pytest.mark.parametrize("v,h,blocksize", SHAPES)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_op_through_the_cpu_library_is_bit_identical_and_decodes_only_the_rows(v, h, blocksize, double_quant,
+                                                                               monkeypatch):
+    # auto on CPU tensors: aligned rows (H % blocksize == 0) go through the C dequantization of the gathered
+    # rows; the others through the reference gather. Either way the bits of dequantizing the table, indexed.
+    if DEVICE != "cpu":
+        pytest.skip("the CPU C library path takes CPU tensors")
+    monkeypatch.setenv("PEFT_KERNELS_BACKEND", "auto")
+    packed, st = _table(v, h, blocksize, double_quant=double_quant, seed=v + h)
+    ids = torch.cat([_ids(v, 9), _ids(v, 4, seed=5)]).view(13, 1)    # repeats, the table's ends, 2-D ids
+    calls = []
+    real = cpu_lib.dequantize_4bit_cpu
+    monkeypatch.setattr(cpu_lib, "dequantize_4bit_cpu", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    n = st.nested
+    nested = (None, None, 0.0) if n is None else (n.absmax, n.code, n.offset)
+    for dtype in DTYPES + (torch.bfloat16,):
+        full = R.dequantize_4bit(packed, st.absmax_float(), st.code, blocksize, st.numel, dtype).view(v, h)
+        got = embedding4bit_op(ids, packed, st.absmax, st.code, *nested, blocksize, h, dtype)
+        assert got.shape == (13, 1, h) and got.dtype == dtype
+        assert torch.equal(got, full[ids])
+    # the C library decoded exactly the 13 looked-up rows per dtype (never the table), and only when aligned
+    assert calls == ([13 * h] * 3 if h % blocksize == 0 else [])
+
+
+@pytest.mark.parametrize("h", [40, 64])   # the reference gather; on CPU with the C library, its path
+def test_op_opcheck_and_fake(h):
+    packed, st = _table(19, h, 32)
     ids = torch.tensor([[0, 18, 3], [4, 4, 1]], device=DEVICE)
     n = st.nested
-    torch.library.opcheck(embedding4bit_op, (ids, packed, st.absmax, st.code, n.absmax, n.code, n.offset, 32, 40,
+    torch.library.opcheck(embedding4bit_op, (ids, packed, st.absmax, st.code, n.absmax, n.code, n.offset, 32, h,
                                              torch.float32))
 
 
