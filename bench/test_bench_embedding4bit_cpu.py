@@ -1,5 +1,7 @@
 """CPU benchmark of the 4-bit embedding lookup: ``Embedding4bit`` (NF4, blocksize 64, double quant) vs
 ``nn.Embedding`` (fp32), table 32000 x 512, 2048 ids (one pytest-benchmark group, rows read side by side).
+``ours`` is what ``auto`` runs on CPU (the rows' bytes gathered and decoded by the CPU C library when it is
+built); ``ours-reference`` is the same module forced onto the plain-torch gather (PEFT_KERNELS_BACKEND=reference).
 
 Run (~5 s on 2 idle cores):
 
@@ -11,6 +13,8 @@ the exact storage of each table (ours: codes + absmax + nested absmax + code boo
 ``extra_info["out_bytes"]`` the looked-up rows.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -37,18 +41,21 @@ def tables():
             "dense": (dense, dense.weight.double(), [dense.weight])}, ids
 
 
-@pytest.mark.parametrize("impl", ("ours", "dense"))
-def test_embedding_lookup(benchmark, tables, impl):
+@pytest.mark.parametrize("impl", ("ours", "ours-reference", "dense"))
+def test_embedding_lookup(benchmark, tables, impl, monkeypatch):
     layers, ids = tables
-    mod, w64, ts = layers[impl]
+    if impl == "ours-reference":
+        monkeypatch.setenv("PEFT_KERNELS_BACKEND", "reference")
+    mod, w64, ts = layers["ours" if impl.startswith("ours") else impl]
     tol = load_tolerance()
     with torch.no_grad():
         out = mod(ids)
     tol.assert_close_to_reference(out, w64[ids], torch.float32, f"{impl} rows")
     benchmark.group = f"embedding lookup {V}x{H}, {M} ids, fp32"
     benchmark.extra_info.update(table_bytes=sum(t.numel() * t.element_size() for t in ts),
-                                out_bytes=out.numel() * out.element_size())
-    if impl == "ours":
+                                out_bytes=out.numel() * out.element_size(),
+                                backend=os.environ.get("PEFT_KERNELS_BACKEND", "auto"))
+    if impl.startswith("ours"):
         n = V * H
         assert benchmark.extra_info["table_bytes"] == n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 4 * 256 + 4 * 16
     with torch.no_grad():

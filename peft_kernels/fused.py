@@ -238,7 +238,7 @@ def _apply_rope(model: nn.Module, report: FusedReport) -> None:
         if unavailable:
             report.skipped[name] = unavailable
             continue
-        key, fn = found
+        _, fn = found
         current = _kernelized_repo(fn, get_kernelized_layers)
         if current is not None:
             if current != repo:
